@@ -1,0 +1,68 @@
+"""Tiny random-weight HF models of every supported architecture, built from configs (no downloads).
+
+Norm weights and biases are randomised too, so fusion and centring are really exercised.
+"""
+
+from __future__ import annotations
+
+import torch
+import transformers as tf
+
+VOCAB = 128
+
+CONFIGS = {
+    "llama": lambda: tf.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                    tie_word_embeddings=True),
+    "llama3": lambda: tf.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=128,
+                                     rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                                      "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                      "original_max_position_embeddings": 64}),
+    "mistral": lambda: tf.MistralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                        sliding_window=8, head_dim=16),
+    "qwen2": lambda: tf.Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                    tie_word_embeddings=True),
+    "opt": lambda: tf.OPTConfig(vocab_size=VOCAB, hidden_size=64, ffn_dim=96, num_hidden_layers=2,
+                                num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=64,
+                                pad_token_id=1, bos_token_id=2, eos_token_id=2),
+    "phi": lambda: tf.PhiConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                num_attention_heads=4, max_position_embeddings=128, partial_rotary_factor=0.5),
+    "phi3": lambda: tf.Phi3Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                  pad_token_id=0, bos_token_id=1, eos_token_id=2),
+}
+ARCHS = list(CONFIGS)
+
+
+def tiny_hf_model(arch: str, seed: int = 0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    config = CONFIGS[arch]()
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value >= VOCAB:
+            setattr(config, name, 1)
+    config._attn_implementation = "eager"
+    model = tf.AutoModelForCausalLM.from_config(config).to(dtype).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                param.uniform_(0.5, 1.5)
+            elif name.endswith("bias"):
+                param.normal_(0.0, 0.1)
+            elif param.dim() == 2:
+                param.normal_(0.0, 0.15)
+    return model
+
+
+def batch_with_left_padding(batch: int = 2, seq: int = 12, pad: int = 3, seed: int = 1):
+    """input_ids, attention_mask (row 1 left-padded by `pad`), position_ids as generate() makes them."""
+    gen = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(3, VOCAB, (batch, seq), generator=gen)
+    attention_mask = torch.ones(batch, seq, dtype=torch.long)
+    attention_mask[1, :pad] = 0
+    input_ids[1, :pad] = 0
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return input_ids, attention_mask, position_ids

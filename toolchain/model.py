@@ -60,6 +60,7 @@ class SlicedConfig(PretrainedConfig):
         intermediate_sizes: list[int] | None = None,
         qk_head_dims: list[int] | None = None,
         v_head_dims: list[int] | None = None,
+        rope_pair_index: list[list[list[int]] | None] | None = None,
         tie_word_embeddings: bool = False,
         initializer_range: float = 0.02,
         source_model: str | None = None,
@@ -94,6 +95,9 @@ class SlicedConfig(PretrainedConfig):
         self.intermediate_sizes = list(intermediate_sizes or [intermediate_size] * num_hidden_layers)
         self.qk_head_dims = list(qk_head_dims or [self.head_dim] * num_hidden_layers)
         self.v_head_dims = list(v_head_dims or [self.head_dim] * num_hidden_layers)
+        # MoDeGPT: per layer, None (every RoPE pair, in order) or, per KV head, the frequency index of
+        # each RoPE pair the reduced q/k head keeps (the same count for every head of a layer)
+        self.rope_pair_index = list(rope_pair_index or [None] * num_hidden_layers)
         self.initializer_range = initializer_range
         self.source_model = source_model
         self.source_architecture = source_architecture
@@ -101,6 +105,8 @@ class SlicedConfig(PretrainedConfig):
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
         if len(self.residual_widths) != n_pos + 1 or len(self.shortcuts) != n_pos:
             raise ValueError(f"residual_widths needs {n_pos + 1} entries and shortcuts {n_pos}")
+        if len(self.rope_pair_index) != num_hidden_layers:
+            raise ValueError(f"rope_pair_index needs {num_hidden_layers} entries (None or per-KV-head pair lists)")
 
     @property
     def num_positions(self) -> int:
@@ -114,6 +120,11 @@ class SlicedConfig(PretrainedConfig):
     def rotary_dim(self) -> int:
         factor = (self.rope_parameters or {}).get("partial_rotary_factor", 1.0)
         return int(self.head_dim * factor)
+
+    def qk_rotary_dim(self, layer: int) -> int:
+        """Rotary width of `layer`'s q/k heads: twice the kept RoPE pairs when reduced, else rotary_dim."""
+        pairs = self.rope_pair_index[layer]
+        return self.rotary_dim if pairs is None else 2 * len(pairs[0])
 
 
 def rope_inverse_frequencies(config: SlicedConfig) -> tuple[torch.Tensor, float]:
@@ -145,11 +156,28 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE on the first cos.shape[-1] dims of every head (partial rotary leaves the rest alone)."""
+    """RoPE on the first cos.shape[-1] dims of every head (partial rotary leaves the rest alone).
+    cos/sin: (batch, seq, rot) shared by all heads, or (batch, heads, seq, rot) per head."""
     rot = cos.shape[-1]
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    if cos.dim() == 3:
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     x_rot, x_pass = x[..., :rot], x[..., rot:]
     return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
+
+
+def kept_pairs_rope(cos: torch.Tensor, sin: torch.Tensor, pairs: torch.Tensor):
+    """Per-head cos/sin (batch, heads, seq, 2n) for heads that keep n RoPE pairs each.
+
+    The global cos/sin (batch, seq, rot) hold the rot/2 frequencies twice (rotate_half layout);
+    `pairs` (heads, n) names the frequency of each kept pair, laid out again as [firsts | seconds].
+    """
+    half = cos.shape[-1] // 2
+
+    def gather(t):
+        t = t[..., :half][..., pairs].transpose(1, 2)  # (batch, heads, seq, n)
+        return torch.cat((t, t), dim=-1)
+
+    return gather(cos), gather(sin)
 
 
 class ResidualNorm(nn.Module):
@@ -178,13 +206,22 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(in_width, self.kv_heads * self.qk_dim, bias=config.qkv_bias)
         self.v_proj = nn.Linear(in_width, self.kv_heads * self.v_dim, bias=config.qkv_bias)
         self.o_proj = nn.Linear(self.heads * self.v_dim, out_width, bias=config.o_bias)
+        pairs = config.rope_pair_index[layer]
+        self.register_buffer("rope_pairs", None if pairs is None else torch.tensor(pairs, dtype=torch.long),
+                             persistent=False)
 
     def forward(self, x, rope, mask, cache):
         batch, seq, _ = x.shape
         q = self.q_proj(x).view(batch, seq, self.heads, self.qk_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, seq, self.kv_heads, self.qk_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, seq, self.kv_heads, self.v_dim).transpose(1, 2)
-        if rope is not None:
+        if rope is not None and self.rope_pairs is not None:
+            # reduced heads: each KV head (and the q heads of its group) keeps its own frequencies
+            cos, sin = kept_pairs_rope(*rope, self.rope_pairs)
+            groups = self.heads // self.kv_heads
+            q = apply_rope(q, cos.repeat_interleave(groups, dim=1), sin.repeat_interleave(groups, dim=1))
+            k = apply_rope(k, cos, sin)
+        elif rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(k, v, self.layer)
@@ -297,10 +334,32 @@ class SlicedPreTrainedModel(PreTrainedModel):
                 init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             init.normal_(module.weight, mean=0.0, std=std)
-        elif isinstance(module, ResidualNorm):
-            init.constant_(module.weight, math.sqrt(self.config.hidden_size / module.width))
-        elif isinstance(module, RotaryEmbedding):
-            init.copy_(module.inv_freq, rope_inverse_frequencies(self.config)[0])
+        elif (name := self._derived_buffer_name(module)) is not None:
+            init.copy_(getattr(module, name), self._derived_buffer(module))
+
+    @staticmethod
+    def _derived_buffer_name(module) -> str | None:
+        """Name of the config-derived (non-persistent) buffer a module holds, if any."""
+        if isinstance(module, RotaryEmbedding):
+            return "inv_freq"
+        if isinstance(module, ResidualNorm):
+            return "weight"
+        if isinstance(module, Attention) and module.rope_pairs is not None:
+            return "rope_pairs"
+        return None
+
+    def _derived_buffer(self, module) -> torch.Tensor:
+        if isinstance(module, RotaryEmbedding):
+            return rope_inverse_frequencies(self.config)[0]
+        if isinstance(module, Attention):
+            return torch.tensor(self.config.rope_pair_index[module.layer])
+        return torch.full((module.width,), math.sqrt(self.config.hidden_size / module.width))
+
+    def init_derived_buffers(self) -> None:
+        """Materialise the config-derived buffers of a model built on the meta device."""
+        for module in self.modules():
+            if (name := self._derived_buffer_name(module)) is not None:
+                setattr(module, name, nn.Buffer(self._derived_buffer(module), persistent=False))
 
 
 class SlicedForCausalLM(SlicedPreTrainedModel, GenerationMixin):

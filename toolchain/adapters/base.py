@@ -89,29 +89,34 @@ def base_fields(cfg: PretrainedConfig) -> dict:
     return fields
 
 
-def _fold_norm(state, norm: str, readers: list[str]) -> bool:
-    """Fold norm scale γ and bias β into each reader: W ← W·diag(γ), b ← b + W·β. Returns whether
-    the readers now carry a bias."""
-    gamma = state.pop(f"{norm}.weight")
+def _fold_norm(state, norm: str, readers: list[str], dtype: torch.dtype) -> bool:
+    """Fold norm scale γ and bias β into each reader: W ← W·diag(γ), b ← b + W·β (in float64,
+    one tensor at a time). Returns whether the readers now carry a bias."""
+    gamma = state.pop(f"{norm}.weight").to(torch.float64)
     beta = state.pop(f"{norm}.bias", None)
+    beta = None if beta is None else beta.to(torch.float64)
     has_bias = beta is not None
     for reader in readers:
-        weight = state[f"{reader}.weight"]
+        weight = state[f"{reader}.weight"].to(torch.float64)
         bias = state.get(f"{reader}.bias")
         if beta is not None:
-            state[f"{reader}.bias"] = (bias if bias is not None else 0) + weight @ beta
-        state[f"{reader}.weight"] = weight * gamma[None, :]
+            folded = weight @ beta + (bias.to(torch.float64) if bias is not None else 0)
+            state[f"{reader}.bias"] = folded.to(dtype)
+        state[f"{reader}.weight"] = (weight * gamma[None, :]).to(dtype)
         has_bias = has_bias or bias is not None
     return has_bias
 
 
-def _centre_write(state, name: str) -> None:
+def _centre(tensor: torch.Tensor, dim: int, dtype: torch.dtype) -> torch.Tensor:
+    wide = tensor.to(torch.float64)
+    return (wide - wide.mean(dim=dim, keepdim=True)).to(dtype)
+
+
+def _centre_write(state, name: str, dtype: torch.dtype) -> None:
     """Make a write into the residual stream mean-free along the hidden dim."""
-    weight = state[f"{name}.weight"]
-    state[f"{name}.weight"] = weight - weight.mean(dim=0, keepdim=True)
+    state[f"{name}.weight"] = _centre(state[f"{name}.weight"], 0, dtype)
     if f"{name}.bias" in state:
-        bias = state[f"{name}.bias"]
-        state[f"{name}.bias"] = bias - bias.mean()
+        state[f"{name}.bias"] = _centre(state[f"{name}.bias"], 0, dtype)
 
 
 def _split_fused(state, fused: str, names: list[str], sizes: list[int]) -> None:
@@ -127,7 +132,7 @@ def to_canonical(hf_model, source_model: str | None = None, dtype: torch.dtype =
     cfg = hf_model.config
     adapter = adapter_for(cfg, type(hf_model).__name__)
     fields = base_fields(cfg) | adapter.config(cfg)
-    hf_state = {k: v.detach().to(torch.float64) for k, v in hf_model.state_dict().items()}
+    hf_state = {k: v.detach() for k, v in hf_model.state_dict().items()}
     state: dict[str, torch.Tensor] = {}
     heads, kv, hd = fields["num_attention_heads"], fields["num_key_value_heads"], fields["head_dim"]
     inner = fields["intermediate_size"]
@@ -162,19 +167,19 @@ def to_canonical(hf_model, source_model: str | None = None, dtype: torch.dtype =
         attn_readers = [f"{dst}.attn.{n}_proj" for n in "qkv"]
         mlp_readers = [f"{dst}.mlp.up_proj"] + ([f"{dst}.mlp.gate_proj"] if adapter.gate or adapter.gate_up else [])
         if adapter.mlp_norm is None:  # parallel block: one norm feeds attention and MLP
-            bias = _fold_norm(state, f"{dst}.attn_norm", attn_readers + mlp_readers)
+            bias = _fold_norm(state, f"{dst}.attn_norm", attn_readers + mlp_readers, dtype)
             qkv_bias, up_bias = qkv_bias or bias, up_bias or bias
         else:
-            qkv_bias = _fold_norm(state, f"{dst}.attn_norm", attn_readers) or qkv_bias
-            up_bias = _fold_norm(state, f"{dst}.mlp_norm", mlp_readers) or up_bias
+            qkv_bias = _fold_norm(state, f"{dst}.attn_norm", attn_readers, dtype) or qkv_bias
+            up_bias = _fold_norm(state, f"{dst}.mlp_norm", mlp_readers, dtype) or up_bias
         if adapter.layer_norm:
-            _centre_write(state, f"{dst}.attn.o_proj")
-            _centre_write(state, f"{dst}.mlp.down_proj")
-    head_bias = _fold_norm(state, "norm", ["lm_head"])
+            _centre_write(state, f"{dst}.attn.o_proj", dtype)
+            _centre_write(state, f"{dst}.mlp.down_proj", dtype)
+    head_bias = _fold_norm(state, "norm", ["lm_head"], dtype)
     if adapter.layer_norm:
         for name in ("embed_tokens", "embed_positions"):
             if f"{name}.weight" in state:
-                state[f"{name}.weight"] = state[f"{name}.weight"] - state[f"{name}.weight"].mean(dim=1, keepdim=True)
+                state[f"{name}.weight"] = _centre(state[f"{name}.weight"], 1, dtype)
 
     layer0 = "layers.0"
     config = SlicedConfig(
@@ -190,13 +195,15 @@ def to_canonical(hf_model, source_model: str | None = None, dtype: torch.dtype =
         source_model=source_model,
         source_architecture=type(hf_model).__name__,
     )
-    _fill_missing_biases(state, config)
-    model = SlicedForCausalLM(config)
-    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True)
-    return model.to(dtype).eval()
+    _fill_missing_biases(state, config, dtype)
+    with torch.device("meta"):  # no random init: every weight comes from the state dict
+        model = SlicedForCausalLM(config)
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
+    model.init_derived_buffers()
+    return model.eval()
 
 
-def _fill_missing_biases(state, config: SlicedConfig) -> None:
+def _fill_missing_biases(state, config: SlicedConfig, dtype: torch.dtype) -> None:
     """A bias created by folding one layer's norm must exist (as zeros) in every layer."""
     expected = {"attn.q_proj": config.qkv_bias, "attn.k_proj": config.qkv_bias, "attn.v_proj": config.qkv_bias,
                 "mlp.up_proj": config.mlp_up_bias}
@@ -206,4 +213,4 @@ def _fill_missing_biases(state, config: SlicedConfig) -> None:
         for name, wanted in expected.items():
             key = f"layers.{i}.{name}"
             if wanted and f"{key}.bias" not in state:
-                state[f"{key}.bias"] = torch.zeros(state[f"{key}.weight"].shape[0], dtype=torch.float64)
+                state[f"{key}.bias"] = torch.zeros(state[f"{key}.weight"].shape[0], dtype=dtype)

@@ -1,0 +1,3 @@
+"""Compression methods on the canonical model: SliceGPT (rotation + slicing) and MoDeGPT."""
+
+METHODS = ("slicegpt", "modegpt", "slicegpt+modegpt")

@@ -1,0 +1,122 @@
+"""The compress stage: load a model, calibrate on text, compress, save an HF-style model dir.
+
+`compress_to_dir` is what `toolchain slice` and the `compress` stage of `toolchain build` call.
+Options are validated before anything heavy is loaded, and the output appears only when complete.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .compress import METHODS
+from .errors import InvalidOptionError, OutputPathError
+from .fileio import atomic_dir, write_json
+from .model import ParameterReport, count_parameters
+
+
+@dataclass
+class CompressOptions:
+    model: str
+    method: str = "slicegpt"
+    slice: float = 0.3
+    compression: float = 0.25  # MoDeGPT: fraction of block parameters removed
+    widths: list[int] | None = None
+    rotation: str = "pca"
+    slice_head: bool = False
+    calib: str = "ptb"
+    nsamples: int = 32
+    seqlen: int = 256
+    seed: int = 0
+    device: str = "cpu"
+    batch_size: int = 8
+    extra: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise InvalidOptionError(f"unknown --method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if not isinstance(self.slice, (int, float)) or not 0.0 <= self.slice < 1.0:
+            raise InvalidOptionError(f"--slice must be a number in [0, 1), got {self.slice!r}")
+        if "modegpt" in self.method and not 0.0 <= self.compression < 1.0:
+            raise InvalidOptionError(f"--compression must be in [0, 1), got {self.compression!r}")
+        for name in ("nsamples", "seqlen", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise InvalidOptionError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise InvalidOptionError(f"--device {self.device}: CUDA is not available here; use --device cpu")
+
+
+@dataclass
+class CompressResult:
+    out_dir: Path
+    dense: ParameterReport
+    compressed: ParameterReport
+    seconds: float
+    report: dict
+
+
+def parameter_summary(dense: ParameterReport, compressed: ParameterReport) -> dict:
+    return {
+        "dense": dense.as_dict(),
+        "compressed": compressed.as_dict(),
+        "kept_fraction": compressed.total / dense.total,
+        "compression": 1.0 - compressed.total / dense.total,
+        "smaller": compressed.total < dense.total,
+    }
+
+
+def compress_to_dir(options: CompressOptions, out_dir: str | Path, overwrite: bool = False,
+                    progress=None) -> CompressResult:
+    from .adapters import to_canonical
+    from .compress.slicegpt import SliceOptions, resolve_widths, slice_model
+    from .data import load_text, token_windows
+    from .sources import load_hf_model, resolve_model
+
+    options.validate()
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise OutputPathError(f"--out {out_dir} already exists; choose a new directory or remove it")
+    start = time.perf_counter()
+    resolved = resolve_model(options.model)
+    hf_model, tokenizer = load_hf_model(resolved, dtype=torch.float32)
+    dense_params = count_parameters(hf_model)
+    model = to_canonical(hf_model, source_model=options.model)
+    del hf_model
+    max_len = model.config.max_position_embeddings
+    if options.seqlen > max_len:
+        raise InvalidOptionError(f"--seqlen {options.seqlen} exceeds the model's maximum of {max_len}; lower it")
+    slice_options = SliceOptions(slice=options.slice, widths=options.widths, rotation=options.rotation,
+                                 slice_head=options.slice_head, seed=options.seed, device=options.device,
+                                 batch_size=options.batch_size, extra={"calibration": options.calib})
+    if "slicegpt" in options.method:
+        resolve_widths(model, slice_options)  # fail on impossible widths before calibrating
+    windows = token_windows(tokenizer, load_text(options.calib, "train"), options.nsamples, options.seqlen,
+                            options.seed)
+    if "slicegpt" in options.method:
+        slice_model(model, windows.input_ids, windows.attention_mask, slice_options, progress=progress)
+    if "modegpt" in options.method:
+        from .compress.modegpt import ModegptOptions, modegpt_model
+
+        modegpt_model(model, windows.input_ids, windows.attention_mask,
+                      ModegptOptions(compression=options.compression), progress=progress)
+        if options.method == "slicegpt+modegpt":
+            model.config.compression = {**model.config.compression, "slice": options.slice, "method": options.method}
+    compressed_params = count_parameters(model)
+    report = {
+        "source_model": options.model,
+        "method": options.method,
+        "options": asdict(options),
+        "parameters": parameter_summary(dense_params, compressed_params),
+        "residual_widths": model.config.residual_widths,
+        "calibration": windows.protocol | {"source": options.calib},
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        write_json(tmp / "compression_report.json", report)
+    return CompressResult(out_dir, dense_params, compressed_params, report["seconds"], report)

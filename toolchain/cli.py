@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from .errors import ToolchainError
+from .errors import InvalidOptionError, ToolchainError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Compress LLMs and ship them to ONNX Runtime / TensorRT with parity and latency reports.")
@@ -30,6 +31,249 @@ def user_errors(fn):
             raise typer.Exit(err.exit_code)
 
     return wrapper
+
+
+def parse_widths(text: Optional[str]) -> Optional[list[int]]:
+    if not text:
+        return None
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise InvalidOptionError(f"--widths must be comma-separated integers, got {text!r}") from None
+
+
+def print_parameter_table(title: str, summary: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("parameters")
+    table.add_column("dense", justify="right")
+    table.add_column("compressed", justify="right")
+    for key in ("embeddings", "blocks", "shortcuts", "lm_head", "total"):
+        table.add_row(key, f"{summary['dense'][key]:,}", f"{summary['compressed'][key]:,}")
+    Console().print(table)
+    verdict = "smaller" if summary["smaller"] else "[bold red]LARGER than the input[/]"
+    Console().print(f"kept {summary['kept_fraction']:.1%} of the parameters "
+                    f"({summary['compression']:.1%} removed): {verdict}")
+
+
+@app.command("slice")
+@user_errors
+def slice_command(
+    model: str = typer.Option(..., "--model", "-m", help="Hub id, short name (smollm2-135m, phi-2, ...), HF dir or .gguf"),
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory (must not exist)"),
+    slice_: float = typer.Option(0.3, "--slice", help="Fraction of the hidden width removed, in [0, 1)"),
+    method: str = typer.Option("slicegpt", help="slicegpt | modegpt | slicegpt+modegpt"),
+    compression: float = typer.Option(0.25, help="MoDeGPT: fraction of block parameters removed"),
+    calib: str = typer.Option("ptb", help="Calibration text: ptb | wikitext2 | c4 | alpaca | a .txt/.jsonl/.parquet file"),
+    nsamples: int = typer.Option(32, help="Calibration windows"),
+    seqlen: int = typer.Option(256, help="Tokens per calibration window"),
+    widths: Optional[str] = typer.Option(None, help="Explicit residual widths, comma-separated (one per position)"),
+    rotation: str = typer.Option("pca", help="pca | random | identity (the last two are sanity baselines)"),
+    slice_head: bool = typer.Option(False, "--slice-head", help="Also slice the final norm / LM head input"),
+    tie: str = typer.Option("slice", help="Tied embeddings: slice (one sliced table) | project (full table + "
+                            "projections) | untie (reference SliceGPT: separate head)"),
+    seed: int = typer.Option(0, help="Calibration sampling seed"),
+    device: str = typer.Option("cpu", help="Compute device for calibration (cpu, cuda)"),
+) -> None:
+    """Compress a model and write a loadable HF-style model directory."""
+    from .compressing import CompressOptions, compress_to_dir
+
+    options = CompressOptions(model=model, method=method, slice=slice_, compression=compression,
+                              widths=parse_widths(widths), rotation=rotation, slice_head=slice_head, tie=tie, calib=calib,
+                              nsamples=nsamples, seqlen=seqlen, seed=seed, device=device)
+    with stage_progress("compress") as progress:
+        result = compress_to_dir(options, out, progress=progress)
+    print_parameter_table(f"{model} → {out}", result.report["parameters"])
+    Console().print(f"wrote {out} in {result.seconds:.1f}s")
+
+
+@contextlib.contextmanager
+def stage_progress(label: str):
+    """A rich progress bar; yields a callback(done, total)."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True) as bar:
+        task = bar.add_task(label, total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update
+
+
+@app.command()
+@user_errors
+def plan(
+    model: str = typer.Option(..., "--model", help="Short name (llama-2-70b, phi-2, opt-125m, ...), hub id, "
+                                                   "checkpoint dir or config.json. Only the config is read."),
+    slice: float = typer.Option(0.3, "--slice", help="SliceGPT fraction of the hidden width removed, in [0, 1)."),
+    gpu: str = typer.Option("all", "--gpu", help="GPU name(s), comma-separated, or 'all'."),
+    batch: int = typer.Option(1, "--batch"),
+    context: int = typer.Option(4096, "--context", help="Prompt length for prefill and cache length for decode."),
+    dtype: str = typer.Option("fp16", "--dtype", help="fp32 | fp16 | bf16 | int8 | int4 (weight-only)."),
+    slice_head: bool = typer.Option(False, "--slice-head", help="Slice the LM head input too."),
+    calibrate: Optional[Path] = typer.Option(None, "--calibrate", help="Bench JSON to fit efficiency factors."),
+    as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON instead of a table."),
+) -> None:
+    """Will the dense and the sliced model fit on a GPU, and how fast can they be at best (from the config)."""
+    import json
+
+    from rich.table import Table
+
+    from runtime import roofline
+
+    efficiency = roofline.fit_efficiency(calibrate) if calibrate is not None else None
+    result = roofline.plan(roofline.resolve_config(model), slice=slice, gpus=gpu, batch=batch, context=context,
+                           dtype=dtype, slice_head=slice_head, efficiency=efficiency)
+    data = result.to_dict()
+    if as_json:
+        typer.echo(json.dumps(data, indent=2))
+        return
+    out = Console()
+    if not out.is_terminal:  # pipes and tests: do not squeeze the table into 80 columns
+        out = Console(width=140)
+    out.print(roofline.summary_line(data), highlight=False)
+    if efficiency is not None:
+        out.print(f"calibrated on {efficiency.gpu}: compute x{efficiency.compute:.2f}, "
+                  f"bandwidth x{efficiency.bandwidth:.2f} of peak", highlight=False)
+    table = Table(*roofline.TABLE_HEADER, caption="(c) compute-bound, (m) bandwidth-bound; times are lower bounds "
+                  "on #GPUs with ideal tensor parallelism")
+    for cells in roofline.table_rows(data):
+        table.add_row(*cells)
+    out.print(table)
+
+
+@app.command("eval")
+@user_errors
+def eval_command(
+    model: str = typer.Argument(..., help="Build dir (uses its sliced/ model), short name, checkpoint dir, .gguf "
+                                          "file or hub id."),
+    ppl: Optional[str] = typer.Option(None, "--ppl", help="Perplexity text: ptb, wikitext2, c4, alpaca or a "
+                                                           ".txt/.jsonl/.parquet file (default ptb unless --tasks)."),
+    split: str = typer.Option("test", "--split", help="Split of a named dataset: train, validation, test."),
+    seqlen: int = typer.Option(512, "--seqlen", help="Window length in tokens (non-overlapping windows)."),
+    max_windows: Optional[int] = typer.Option(None, "--max-windows", help="Score only the first N windows."),
+    batch_size: int = typer.Option(1, "--batch-size"),
+    bos: bool = typer.Option(False, "--bos", help="Put the tokenizer's BOS first in every window."),
+    tasks: Optional[str] = typer.Option(None, "--tasks", help="lm-eval zero-shot tasks, comma-separated "
+                                                               "(needs lm-eval and cached task data)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="lm-eval: examples per task (quick checks)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write eval.json and eval.md into this directory."),
+) -> None:
+    """Perplexity (documented protocol) and optional lm-eval zero-shot accuracy of a model or build."""
+    import platform
+
+    import torch
+    import transformers
+    from rich.table import Table
+
+    from .data import load_text
+    from .errors import InvalidOptionError
+    from .evaluate import perplexity, write_report, zero_shot
+    from .sources import load_hf_model, resolve_model
+
+    for name, value in (("seqlen", seqlen), ("max-windows", max_windows), ("batch-size", batch_size),
+                        ("limit", limit)):
+        if value is not None and value < 1:
+            raise InvalidOptionError(f"--{name} must be a positive integer, got {value}")
+    if ppl is None and not tasks:
+        ppl = "ptb"
+    text = load_text(ppl, split) if ppl else None  # bad dataset names fail before the model loads
+    build_model = Path(model).expanduser() / "sliced"
+    spec = str(build_model) if (build_model / "config.json").is_file() else model
+    resolved = resolve_model(spec)
+    hf_model, tokenizer = load_hf_model(resolved)
+    max_len = getattr(hf_model.config, "max_position_embeddings", None)
+    if ppl and max_len and seqlen > max_len:
+        raise InvalidOptionError(f"--seqlen {seqlen} exceeds the model's maximum of {max_len}; lower it")
+
+    report: dict = {"model": model, "resolved": str(resolved.path), "kind": resolved.kind,
+                    "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                                 "python": platform.python_version()}}
+    out_console = Console()
+    table = Table("metric", "value", title=f"eval: {model}")
+    if text is not None:
+        result = perplexity(hf_model, tokenizer, text, seqlen=seqlen, max_windows=max_windows,
+                            batch_size=batch_size, bos=bos)
+        report["perplexity"] = {"dataset": ppl, "split": split, **result}
+        table.add_row(f"ppl {ppl}/{split}", f"{result['ppl']:.3f}")
+        table.add_row("tokens scored", f"{result['tokens']} in {result['windows']} x {result['seqlen']}")
+        table.add_row("seconds", f"{result['seconds']:.1f}")
+    if tasks:
+        scores = zero_shot(hf_model, tokenizer, tasks.split(","), batch_size=batch_size, limit=limit)
+        report["zero_shot"] = scores
+        for task, metrics in scores.items():
+            for metric, value in metrics.items():
+                table.add_row(f"{task} {metric}", f"{value:.4f}")
+    out_console.print(table)
+    if out is not None:
+        paths = write_report(out, report)
+        out_console.print(f"report: {paths['json']} and {paths['markdown']}", highlight=False)
+
+
+@app.command("export")
+@user_errors
+def export_command(
+    model: str = typer.Argument(..., help="Sliced/canonical model dir, build dir (uses its sliced/), HF checkpoint "
+                                          "dir or hub id."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory (must not exist)."),
+    target: str = typer.Option("onnx", "--target", help="onnx (KV-cache graph with optimum/genai I/O names)."),
+    dtype: str = typer.Option("fp32", "--dtype", help="fp32 | fp16 (norms, RoPE, softmax and logits stay fp32)."),
+    optimize: bool = typer.Option(True, "--optimize/--no-optimize",
+                                  help="Fuse with ORT's transformer optimizer (RMSNorm → SimplifiedLayerNormalization)."),
+    external_data: bool = typer.Option(False, "--external-data",
+                                       help="Weights in model.onnx.data (automatic past ~1.8 GB)."),
+    exporter: str = typer.Option("dynamo", "--exporter", help="dynamo | torchscript (fallback if dynamo fails)."),
+) -> None:
+    """Export a model to ONNX with a KV cache (one graph for prefill and decode)."""
+    from exporters.onnx import ExportOptions, export_onnx
+
+    if target != "onnx":
+        raise InvalidOptionError(f"--target {target!r} is not supported by `export`; use --target onnx")
+    build_model = Path(model).expanduser() / "sliced"
+    source = str(build_model) if (build_model / "config.json").is_file() else model
+    result = export_onnx(source, out, ExportOptions(dtype=dtype, optimize=optimize, external_data=external_data,
+                                                    exporter=exporter))
+    report = result.report
+    Console().print(f"wrote {result.model_path} ({dtype}, opset {result.config['opset']}); fused norms "
+                    f"{report['fused_norms']}/{report['model_norms']}", highlight=False)
+
+
+@app.command("validate")
+@user_errors
+def validate_command(
+    paths: list[str] = typer.Argument(..., help="A build dir (with sliced/ and onnx/), or REFERENCE CANDIDATE: "
+                                                "each a torch model dir or an ONNX file/export dir."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Tolerances: fp32 | fp16 (default: from the "
+                                                              "candidate's KV-cache dtype)."),
+    provider: str = typer.Option("cpu", "--provider", help="ONNX Runtime provider: cpu | cuda | tensorrt."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Dir for parity.json and parity.md (default: "
+                                                                 "<build>/reports, or ./reports for two paths)."),
+) -> None:
+    """Parity of an export against its torch model; exit 0 on pass, 1 on fail (for CI)."""
+    from rich.table import Table
+
+    from runtime.validate import validate
+
+    result = validate(paths, dtype=dtype, provider=provider, report_dir=report)
+    data = result.report
+    table = Table("step", "max abs", "mean abs", "cosine", "top-1", "top-5",
+                  title=f"{data['candidate']} vs {data['reference']} ({data['dtype']}): logits")
+    for step in data["steps"]:
+        m = step["logits"]
+        table.add_row(step["step"], f"{m['max_abs']:.3g}", f"{m['mean_abs']:.3g}", f"{m['cosine']:.6f}",
+                      f"{m['top1']:.3f}", f"{m['top5']:.3f}")
+    out = Console()
+    out.print(table)
+    for check in data["checks"]:
+        out.print(f"{'pass' if check['passed'] else 'FAIL'}  {check['check']}: {check['value']} "
+                  f"(limit {check['limit']})", highlight=False)
+    out.print(f"{'PASS' if result.passed else 'FAIL'} — report: {result.json_path} and {result.markdown_path}",
+              highlight=False)
+    if not result.passed:
+        raise typer.Exit(1)
 
 
 def main() -> None:  # pragma: no cover - console entry point

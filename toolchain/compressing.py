@@ -27,6 +27,7 @@ class CompressOptions:
     widths: list[int] | None = None
     rotation: str = "pca"
     slice_head: bool = False
+    tie: str = "slice"  # tied-embedding models: slice | project | untie (reference behaviour)
     calib: str = "ptb"
     nsamples: int = 32
     seqlen: int = 256
@@ -40,6 +41,8 @@ class CompressOptions:
             raise InvalidOptionError(f"unknown --method {self.method!r}; choose one of {', '.join(METHODS)}")
         if not isinstance(self.slice, (int, float)) or not 0.0 <= self.slice < 1.0:
             raise InvalidOptionError(f"--slice must be a number in [0, 1), got {self.slice!r}")
+        if self.tie not in ("slice", "project", "untie"):
+            raise InvalidOptionError(f"unknown --tie {self.tie!r}; choose slice, project or untie")
         if "modegpt" in self.method and not 0.0 <= self.compression < 1.0:
             raise InvalidOptionError(f"--compression must be in [0, 1), got {self.compression!r}")
         for name in ("nsamples", "seqlen", "batch_size"):
@@ -84,13 +87,13 @@ def compress_to_dir(options: CompressOptions, out_dir: str | Path, overwrite: bo
     resolved = resolve_model(options.model)
     hf_model, tokenizer = load_hf_model(resolved, dtype=torch.float32)
     dense_params = count_parameters(hf_model)
-    model = to_canonical(hf_model, source_model=options.model)
+    model = to_canonical(hf_model, source_model=options.model, keep_tie=options.tie != "untie")
     del hf_model
     max_len = model.config.max_position_embeddings
     if options.seqlen > max_len:
         raise InvalidOptionError(f"--seqlen {options.seqlen} exceeds the model's maximum of {max_len}; lower it")
     slice_options = SliceOptions(slice=options.slice, widths=options.widths, rotation=options.rotation,
-                                 slice_head=options.slice_head, seed=options.seed, device=options.device,
+                                 slice_head=options.slice_head, tie=options.tie, seed=options.seed, device=options.device,
                                  batch_size=options.batch_size, extra={"calibration": options.calib})
     if "slicegpt" in options.method:
         resolve_widths(model, slice_options)  # fail on impossible widths before calibrating

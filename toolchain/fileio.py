@@ -24,6 +24,15 @@ def _temp_sibling(path: Path, is_dir: bool) -> Path:
     return Path(name)
 
 
+def _publish_permissions(path: Path) -> None:
+    """mkdtemp/mkstemp create owner-only entries; outputs get the usual umask-style modes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    entries = [path, *path.rglob("*")] if path.is_dir() else [path]
+    for entry in entries:
+        entry.chmod((0o777 if entry.is_dir() else 0o666) & ~umask)
+
+
 @contextlib.contextmanager
 def atomic_dir(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temp dir beside `final`; on success rename it to `final`, on error delete it."""
@@ -36,6 +45,7 @@ def atomic_dir(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
         raise OutputPathError(f"cannot write under {final.parent}: {err.strerror}; choose a writable --out") from err
     try:
         yield tmp
+        _publish_permissions(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -51,6 +61,7 @@ def atomic_file(final: str | os.PathLike) -> Iterator[Path]:
     tmp = _temp_sibling(final, is_dir=False)
     try:
         yield tmp
+        _publish_permissions(tmp)
         os.replace(tmp, final)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -62,6 +62,9 @@ class SlicedConfig(PretrainedConfig):
         v_head_dims: list[int] | None = None,
         rope_pair_index: list[list[list[int]] | None] | None = None,
         tie_word_embeddings: bool = False,
+        embedding_width: int | None = None,
+        embed_projection: bool = False,
+        head_projection: bool = False,
         initializer_range: float = 0.02,
         source_model: str | None = None,
         source_architecture: str | None = None,
@@ -95,6 +98,11 @@ class SlicedConfig(PretrainedConfig):
         self.intermediate_sizes = list(intermediate_sizes or [intermediate_size] * num_hidden_layers)
         self.qk_head_dims = list(qk_head_dims or [self.head_dim] * num_hidden_layers)
         self.v_head_dims = list(v_head_dims or [self.head_dim] * num_hidden_layers)
+        # Tied embeddings survive rotation through explicit end matrices: the token table has
+        # `embedding_width` columns; `embed_proj` maps it to the first residual width and
+        # `head_proj` maps the final normed residual back to it (DESIGN.md, SliceGPT item 5).
+        self.embed_projection, self.head_projection = embed_projection, head_projection
+        self.embedding_width = embedding_width or hidden_size  # used only with embed_projection
         # MoDeGPT: per layer, None (every RoPE pair, in order) or, per KV head, the frequency index of
         # each RoPE pair the reduced q/k head keeps (the same count for every head of a layer)
         self.rope_pair_index = list(rope_pair_index or [None] * num_hidden_layers)
@@ -368,15 +376,19 @@ class SlicedForCausalLM(SlicedPreTrainedModel, GenerationMixin):
     def __init__(self, config: SlicedConfig):
         super().__init__(config)
         widths = config.residual_widths
-        self.embed_tokens = nn.Embedding(config.vocab_size, widths[0])
+        table = config.embedding_width if config.embed_projection else widths[0]
+        self.embed_tokens = nn.Embedding(config.vocab_size, table)
         self.embed_positions = None
         if config.position_embedding == "learned":
             rows = config.max_position_embeddings + config.learned_position_offset
-            self.embed_positions = nn.Embedding(rows, widths[0])
+            self.embed_positions = nn.Embedding(rows, table)
+        self.embed_proj = nn.Linear(table, widths[0], bias=False) if config.embed_projection else None
         self.rotary = RotaryEmbedding(config) if config.position_embedding == "rope" else None
         self.layers = nn.ModuleList(DecoderLayer(config, layer) for layer in range(config.num_hidden_layers))
         self.norm = ResidualNorm(widths[-1], config.hidden_size, config.norm_eps)
-        self.lm_head = nn.Linear(widths[-1], config.vocab_size, bias=config.lm_head_bias)
+        head_in = table if config.tie_word_embeddings else widths[-1]
+        self.head_proj = nn.Linear(widths[-1], head_in, bias=False) if config.head_projection else None
+        self.lm_head = nn.Linear(head_in, config.vocab_size, bias=config.lm_head_bias)
         self.post_init()
 
     def get_input_embeddings(self):
@@ -390,6 +402,8 @@ class SlicedForCausalLM(SlicedPreTrainedModel, GenerationMixin):
         h = self.embed_tokens(input_ids)
         if self.embed_positions is not None:
             h = h + self.embed_positions(position_ids + self.config.learned_position_offset)
+        if self.embed_proj is not None:
+            h = self.embed_proj(h)
         return h
 
     def rope(self, position_ids: torch.Tensor, dtype: torch.dtype):
@@ -419,9 +433,14 @@ class SlicedForCausalLM(SlicedPreTrainedModel, GenerationMixin):
         if position_ids is None:
             position_ids = torch.arange(past_len, past_len + seq, device=device).expand(batch, seq)
 
-        h = inputs_embeds if inputs_embeds is not None else self.hidden_input(input_ids, position_ids)
-        if inputs_embeds is not None and self.embed_positions is not None:
-            h = h + self.embed_positions(position_ids + self.config.learned_position_offset)
+        if inputs_embeds is None:
+            h = self.hidden_input(input_ids, position_ids)
+        else:  # embeddings given in the token table's space
+            h = inputs_embeds
+            if self.embed_positions is not None:
+                h = h + self.embed_positions(position_ids + self.config.learned_position_offset)
+            if self.embed_proj is not None:
+                h = self.embed_proj(h)
         mask = attention_bias(attention_mask, seq, h.dtype, self.config.sliding_window)
         rope = self.rope(position_ids, h.dtype)
         for layer in self.layers:
@@ -429,6 +448,8 @@ class SlicedForCausalLM(SlicedPreTrainedModel, GenerationMixin):
         h = self.norm(h)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
+        if self.head_proj is not None:
+            h = self.head_proj(h)
         logits = self.lm_head(h)
 
         loss = None
@@ -458,9 +479,9 @@ def count_parameters(model: nn.Module) -> ParameterReport:
         if id(param) in seen:
             continue
         seen.add(id(param))
-        if name.startswith(("embed_tokens", "embed_positions", "model.embed", "model.decoder.embed")):
+        if name.startswith(("embed_tokens", "embed_positions", "embed_proj", "model.embed", "model.decoder.embed")):
             group = "embeddings"
-        elif name.startswith("lm_head"):
+        elif name.startswith(("lm_head", "head_proj")):
             group = "lm_head"
         elif "shortcut" in name:
             group = "shortcuts"

@@ -127,8 +127,13 @@ def _split_fused(state, fused: str, names: list[str], sizes: list[int]) -> None:
                 state[f"{name}.{suffix}"] = part
 
 
-def to_canonical(hf_model, source_model: str | None = None, dtype: torch.dtype = torch.float32) -> SlicedForCausalLM:
-    """Map an HF causal LM onto the canonical model with all norms fused (computed in float64)."""
+def to_canonical(hf_model, source_model: str | None = None, dtype: torch.dtype = torch.float32,
+                 keep_tie: bool = True) -> SlicedForCausalLM:
+    """Map an HF causal LM onto the canonical model with all norms fused (computed in float64).
+
+    A tied RMSNorm model stays tied: the final norm's scale goes into a D x D `head_proj` instead
+    of into a private copy of the V x D embedding (LayerNorm models are centred, which changes the
+    embedding, so their head is untied)."""
     cfg = hf_model.config
     adapter = adapter_for(cfg, type(hf_model).__name__)
     fields = base_fields(cfg) | adapter.config(cfg)
@@ -175,7 +180,13 @@ def to_canonical(hf_model, source_model: str | None = None, dtype: torch.dtype =
         if adapter.layer_norm:
             _centre_write(state, f"{dst}.attn.o_proj", dtype)
             _centre_write(state, f"{dst}.mlp.down_proj", dtype)
-    head_bias = _fold_norm(state, "norm", ["lm_head"], dtype)
+    tied = keep_tie and bool(getattr(cfg, "tie_word_embeddings", False)) and not adapter.layer_norm
+    if tied:
+        state.pop("lm_head.weight", None)
+        state["head_proj.weight"] = torch.diag(state.pop("norm.weight")).to(dtype)
+        head_bias = False
+    else:
+        head_bias = _fold_norm(state, "norm", ["lm_head"], dtype)
     if adapter.layer_norm:
         for name in ("embed_tokens", "embed_positions"):
             if f"{name}.weight" in state:
@@ -191,14 +202,19 @@ def to_canonical(hf_model, source_model: str | None = None, dtype: torch.dtype =
         mlp_up_bias=up_bias,
         mlp_down_bias=f"{layer0}.mlp.down_proj.bias" in state,
         lm_head_bias=head_bias,
-        tie_word_embeddings=False,  # the final norm's scale now lives in the head
+        tie_word_embeddings=tied,
+        head_projection=tied,
         source_model=source_model,
         source_architecture=type(hf_model).__name__,
     )
     _fill_missing_biases(state, config, dtype)
     with torch.device("meta"):  # no random init: every weight comes from the state dict
         model = SlicedForCausalLM(config)
+    if tied:
+        state["lm_head.weight"] = state["embed_tokens.weight"]
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
+    if tied:
+        model.lm_head.weight = model.embed_tokens.weight
     model.init_derived_buffers()
     return model.eval()
 

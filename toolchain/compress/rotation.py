@@ -24,7 +24,7 @@ def _layer_and_kind(model: SlicedForCausalLM, position: int) -> tuple[int, str]:
 
 def readers(model: SlicedForCausalLM, position: int) -> list[nn.Linear]:
     if position == model.config.num_positions:
-        return [model.lm_head]
+        return [model.head_proj if model.head_proj is not None else model.lm_head]
     index, kind = _layer_and_kind(model, position)
     layer = model.layers[index]
     attn = [layer.attn.q_proj, layer.attn.k_proj, layer.attn.v_proj]
@@ -35,6 +35,8 @@ def readers(model: SlicedForCausalLM, position: int) -> list[nn.Linear]:
 def writers(model: SlicedForCausalLM, position: int) -> list[nn.Module]:
     """Modules adding into residual `position` (embeddings for position 0)."""
     if position == 0:
+        if model.embed_proj is not None:
+            return [model.embed_proj]
         return [m for m in (model.embed_tokens, model.embed_positions) if m is not None]
     index, kind = _layer_and_kind(model, position - 1)
     layer = model.layers[index]
@@ -68,6 +70,10 @@ def rotate_readers(model: SlicedForCausalLM, position: int, basis: torch.Tensor)
 
 
 def rotate_writers(model: SlicedForCausalLM, position: int, basis: torch.Tensor) -> None:
+    retie = position == 0 and model.config.tie_word_embeddings and model.embed_proj is None
+    if retie:  # the tied head reads the rotated table, so head_proj must write in its basis
+        q = basis.to(model.head_proj.weight.device)
+        _set_weight(model.head_proj, q.T @ model.head_proj.weight.to(basis.dtype))
     for module in writers(model, position):
         weight = module.weight.to(basis.dtype)
         q = basis.to(weight.device)
@@ -76,6 +82,20 @@ def rotate_writers(model: SlicedForCausalLM, position: int, basis: torch.Tensor)
             continue
         bias = None if module.bias is None else q.T @ module.bias.to(basis.dtype)
         _set_weight(module, q.T @ weight, bias)
+    if retie:
+        model.lm_head.weight = model.embed_tokens.weight
+        model.lm_head.in_features = model.embed_tokens.embedding_dim
+
+
+def add_embedding_projection(model: SlicedForCausalLM) -> None:
+    """Keep the token table full width and rotate/slice through a D x d `embed_proj` instead."""
+    config = model.config
+    if model.embed_proj is not None:
+        return
+    table = model.embed_tokens.weight
+    model.embed_proj = nn.Linear(table.shape[1], table.shape[1], bias=False, device=table.device, dtype=table.dtype)
+    _set_weight(model.embed_proj, torch.eye(table.shape[1], dtype=table.dtype, device=table.device))
+    config.embed_projection, config.embedding_width = True, table.shape[1]
 
 
 def set_width(model: SlicedForCausalLM, position: int, width: int) -> None:

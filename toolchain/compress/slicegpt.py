@@ -18,6 +18,7 @@ from ..model import SlicedForCausalLM, attention_bias
 from . import rotation
 
 ROTATIONS = ("pca", "random", "identity")
+TIE_MODES = ("slice", "project", "untie")  # "untie" is applied when mapping the HF model
 
 
 @dataclass
@@ -26,6 +27,7 @@ class SliceOptions:
     widths: list[int] | None = None  # explicit residual widths, one per position (+ optional head)
     rotation: str = "pca"
     slice_head: bool = False  # also slice the final norm / LM head input
+    tie: str = "slice"  # tied models: "slice" the token table, or keep it and "project" it
     round_to: int = 8
     damping: float = 0.01  # × mean of the covariance diagonal
     seed: int = 0
@@ -99,13 +101,17 @@ def slice_model(model: SlicedForCausalLM, input_ids: torch.Tensor, attention_mas
     if any(config.shortcuts) or config.residual_widths != [config.hidden_size] * (config.num_positions + 1):
         raise InvalidOptionError("this model is already sliced; slice the original model instead")
     widths = resolve_widths(model, options)
+    if options.tie not in TIE_MODES:
+        raise InvalidOptionError(f"unknown --tie {options.tie!r}; choose one of {', '.join(TIE_MODES)}")
+    if options.tie == "project" and config.tie_word_embeddings:
+        rotation.add_embedding_projection(model)
     device, dtype, hidden = torch.device(options.device), model.dtype, config.hidden_size
     final = config.num_positions
     model.eval()
 
     # Calibration batches stay on the compute device; embeddings run once.
     masks, residuals, ropes, biases = [], [], [], []
-    embedding_modules = [model.embed_tokens, model.embed_positions]
+    embedding_modules = [model.embed_tokens, model.embed_positions, model.embed_proj]
     for module in embedding_modules:
         if module is not None:
             module.to(device)
@@ -148,6 +154,7 @@ def slice_model(model: SlicedForCausalLM, input_ids: torch.Tensor, attention_mas
     model.to("cpu")
     config.compression = {
         "method": "slicegpt", "slice": options.slice, "rotation": options.rotation, "slice_head": options.slice_head,
+        "tie": options.tie if config.tie_word_embeddings else "untied",
         "damping": options.damping, "widths": widths, "calibration_windows": int(len(input_ids)),
         "calibration_seqlen": int(input_ids.shape[1]), **options.extra,
     }

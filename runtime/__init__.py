@@ -1,0 +1,1 @@
+"""Running exported models: sessions, generation, parity, latency, and the roofline planner."""

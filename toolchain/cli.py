@@ -73,6 +73,18 @@ def slice_command(
     slice_head: bool = typer.Option(False, "--slice-head", help="Also slice the final norm / LM head input"),
     tie: str = typer.Option("slice", help="Tied embeddings: slice (one sliced table) | project (full table + "
                             "projections) | untie (reference SliceGPT: separate head)"),
+    tie_basis: str = typer.Option("joint", "--tie-basis", help="--tie slice: the shared table's rotation from the "
+                                  "first residual stream and the head input (joint) | the first stream only (first)"),
+    share: str = typer.Option("none", help="One rotation per group of positions, no shortcut inside a group: "
+                              "none | layer (attention+MLP of a layer) | all"),
+    target_params: Optional[int] = typer.Option(None, "--target-params", help="Total parameters to keep (embeddings, "
+                                                "head and shortcuts included); picks the widths, overrides --slice"),
+    target_ratio: Optional[float] = typer.Option(None, "--target-ratio", help="Fraction of the input's total "
+                                                 "(tied) parameters to keep, e.g. 0.8; overrides --slice"),
+    budget: str = typer.Option("global", help="How a target is met: uniform (one width) | variance (one explained-"
+                               "variance fraction) | global (greedy on the PCA spectra)"),
+    allow_larger: bool = typer.Option(False, "--allow-larger", help="Write the result even if it is not smaller "
+                                      "than the input"),
     seed: int = typer.Option(0, help="Calibration sampling seed"),
     device: str = typer.Option("cpu", help="Compute device for calibration (cpu, cuda)"),
 ) -> None:
@@ -81,10 +93,14 @@ def slice_command(
 
     options = CompressOptions(model=model, method=method, slice=slice_, compression=compression,
                               widths=parse_widths(widths), rotation=rotation, slice_head=slice_head, tie=tie, calib=calib,
-                              nsamples=nsamples, seqlen=seqlen, seed=seed, device=device)
+                              nsamples=nsamples, seqlen=seqlen, seed=seed, device=device, tie_basis=tie_basis,
+                              share=share, target_params=target_params, target_ratio=target_ratio, budget=budget,
+                              allow_larger=allow_larger)
     with stage_progress("compress") as progress:
         result = compress_to_dir(options, out, progress=progress)
     print_parameter_table(f"{model} → {out}", result.report["parameters"])
+    size = result.report["weight_bytes"]
+    Console().print(f"weights ({size['dtype']}): {size['dense'] / 1e6:,.1f} MB in, {size['compressed'] / 1e6:,.1f} MB out")
     Console().print(f"wrote {out} in {result.seconds:.1f}s")
 
 
@@ -369,6 +385,38 @@ def inspect_command(build_dir: Path = typer.Argument(..., help="A build director
     for name, record in manifest["stages"].items():
         for path, digest in record.get("outputs", {}).items():
             Console().print(f"  {record['output']}/{path}  {digest[:16]}", highlight=False)
+
+
+@app.command("bench")
+@user_errors
+def bench_command(
+    build_dir: Path = typer.Argument(..., help="A build directory (sliced/ and onnx/)."),
+    provider: str = typer.Option("cpu", "--provider", help="cpu | cuda | tensorrt (ORT provider; torch uses CUDA "
+                                                           "when it is not cpu)."),
+    prompts: str = typer.Option("128,512,2048", "--prompts", help="Prefill prompt lengths, comma-separated "
+                                                                  "(capped by the model's positions)."),
+    batches: str = typer.Option("1,8", "--batches", help="Decode batch sizes, comma-separated."),
+    steps: int = typer.Option(20, "--steps", help="Timed decode steps per batch size (after --warmup)."),
+    warmup: int = typer.Option(3, "--warmup", help="Untimed decode steps first."),
+    repeats: int = typer.Option(3, "--repeats", help="Timed prefills per prompt length (median reported)."),
+    context: int = typer.Option(128, "--context", help="Cached tokens before the first decode step."),
+    max_prompt: Optional[int] = typer.Option(None, "--max-prompt", help="Cap on prompt lengths."),
+    dense: bool = typer.Option(True, "--dense/--no-dense", help="Also measure the dense source model."),
+    torch_only: bool = typer.Option(False, "--torch-only", help="Torch eager only (builds without onnx/)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch and ORT intra-op threads (default: theirs)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Report dir (default <build>/reports/latency)."),
+) -> None:
+    """Latency of a build's sliced model next to its dense source: TTFT, decode p50/p90/p99, tokens/s, memory."""
+    from runtime.latency import bench_build
+
+    out = out or build_dir / "reports" / "latency"
+    with stage_progress("bench") as progress:
+        result = bench_build(build_dir, out, provider=provider, prompts=prompts, batches=batches, steps=steps,
+                             warmup=warmup, repeats=repeats, context=context, max_prompt=max_prompt, dense=dense,
+                             torch_only=torch_only, threads=threads, progress=progress)
+    table_out = Console(width=160) if not Console().is_terminal else Console()
+    table_out.print(result.markdown_path.read_text(), highlight=False, markup=False)
+    table_out.print(f"report: {', '.join(str(p) for p in result.paths.values())}", highlight=False)
 
 
 def main() -> None:  # pragma: no cover - console entry point

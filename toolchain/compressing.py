@@ -28,6 +28,12 @@ class CompressOptions:
     rotation: str = "pca"
     slice_head: bool = False
     tie: str = "slice"  # tied-embedding models: slice | project | untie (reference behaviour)
+    tie_basis: str = "joint"  # --tie slice: Q_0 from the first stream + head input (joint) | first stream only
+    share: str = "none"  # none | layer | all: positions sharing one rotation (no shortcut between them)
+    target_params: int | None = None  # total parameters to keep; widths picked to fit (overrides --slice)
+    target_ratio: float | None = None  # the same, as a fraction of the source's tied total
+    budget: str = "global"  # how a target is met: uniform | variance | global (PCA spectra)
+    allow_larger: bool = False  # write the result even when it is not smaller than the input
     calib: str = "ptb"
     nsamples: int = 32
     seqlen: int = 256
@@ -40,9 +46,22 @@ class CompressOptions:
         if self.method not in METHODS:
             raise InvalidOptionError(f"unknown --method {self.method!r}; choose one of {', '.join(METHODS)}")
         if not isinstance(self.slice, (int, float)) or not 0.0 <= self.slice < 1.0:
-            raise InvalidOptionError(f"--slice must be a number in [0, 1), got {self.slice!r}")
+            raise InvalidOptionError(f"--slice must be a number in (0, 1), got {self.slice!r}; e.g. --slice 0.3")
+        if self.method != "modegpt" and self.widths is None and self.slice == 0 and self.rotation == "pca" \
+                and self.target_params is None and self.target_ratio is None:
+            raise InvalidOptionError("--slice 0 removes nothing; pass a fraction in (0, 1), e.g. --slice 0.3")
+        from .compress.slicegpt import ROTATIONS
+
+        if self.rotation not in ROTATIONS:
+            raise InvalidOptionError(f"unknown --rotation {self.rotation!r}; choose one of {', '.join(ROTATIONS)}")
+        from .data import check_source_name
+
+        check_source_name(self.calib)
         if self.tie not in ("slice", "project", "untie"):
             raise InvalidOptionError(f"unknown --tie {self.tie!r}; choose slice, project or untie")
+        from .compress.slicegpt import validate_budget_options
+
+        validate_budget_options(self.target_params, self.target_ratio, self.share, self.tie_basis, self.budget)
         if "modegpt" in self.method and not 0.0 <= self.compression < 1.0:
             raise InvalidOptionError(f"--compression must be in [0, 1), got {self.compression!r}")
         for name in ("nsamples", "seqlen", "batch_size"):
@@ -72,10 +91,27 @@ def parameter_summary(dense: ParameterReport, compressed: ParameterReport) -> di
     }
 
 
+def check_supported(model_dir: Path) -> None:
+    """Refuse an architecture without an adapter from its config.json, before reading any weight."""
+    import json
+
+    from transformers import PretrainedConfig
+
+    from .adapters import adapter_for
+    from .errors import ModelNotFoundError
+
+    config_path = Path(model_dir) / "config.json"
+    if not config_path.is_file():
+        raise ModelNotFoundError(f"{model_dir} has no config.json; pass an HF checkpoint dir, a .gguf file or a hub id")
+    config = json.loads(config_path.read_text())
+    adapter_for(PretrainedConfig(architectures=config.get("architectures") or [config.get("model_type", "?")]))
+
+
 def compress_to_dir(options: CompressOptions, out_dir: str | Path, overwrite: bool = False,
                     progress=None) -> CompressResult:
     from .adapters import to_canonical
-    from .compress.slicegpt import SliceOptions, resolve_widths, slice_model
+    from .compress.budget import ensure_smaller, weight_bytes
+    from .compress.slicegpt import SliceOptions, check_plan_is_smaller, resolve_widths, slice_model
     from .data import load_text, token_windows
     from .sources import load_hf_model, resolve_model
 
@@ -85,6 +121,7 @@ def compress_to_dir(options: CompressOptions, out_dir: str | Path, overwrite: bo
         raise OutputPathError(f"--out {out_dir} already exists; choose a new directory or remove it")
     start = time.perf_counter()
     resolved = resolve_model(options.model)
+    check_supported(resolved.path)
     hf_model, tokenizer = load_hf_model(resolved, dtype=torch.float32)
     dense_params = count_parameters(hf_model)
     model = to_canonical(hf_model, source_model=options.model, keep_tie=options.tie != "untie")
@@ -92,11 +129,18 @@ def compress_to_dir(options: CompressOptions, out_dir: str | Path, overwrite: bo
     max_len = model.config.max_position_embeddings
     if options.seqlen > max_len:
         raise InvalidOptionError(f"--seqlen {options.seqlen} exceeds the model's maximum of {max_len}; lower it")
+    target = options.target_params
+    if options.target_ratio is not None:  # a fraction of the source's tied total
+        target = int(options.target_ratio * dense_params.total)
     slice_options = SliceOptions(slice=options.slice, widths=options.widths, rotation=options.rotation,
                                  slice_head=options.slice_head, tie=options.tie, seed=options.seed, device=options.device,
-                                 batch_size=options.batch_size, extra={"calibration": options.calib})
-    if "slicegpt" in options.method:
-        resolve_widths(model, slice_options)  # fail on impossible widths before calibrating
+                                 batch_size=options.batch_size, extra={"calibration": options.calib},
+                                 tie_basis=options.tie_basis, share=options.share, target_params=target,
+                                 budget=options.budget)
+    if options.method == "slicegpt":  # impossible widths, or a result that cannot be smaller: fail before calibrating
+        check_plan_is_smaller(model, slice_options, dense_params.total, options.allow_larger)
+    elif "slicegpt" in options.method:
+        resolve_widths(model, slice_options)
     windows = token_windows(tokenizer, load_text(options.calib, "train"), options.nsamples, options.seqlen,
                             options.seed)
     if "slicegpt" in options.method:
@@ -109,17 +153,21 @@ def compress_to_dir(options: CompressOptions, out_dir: str | Path, overwrite: bo
         if options.method == "slicegpt+modegpt":
             model.config.compression = {**model.config.compression, "slice": options.slice, "method": options.method}
     compressed_params = count_parameters(model)
+    ensure_smaller(compressed_params.total, dense_params.total, options.allow_larger, f"--method {options.method}",
+                   "Compress more (--slice, --target-ratio, --compression)")  # checked before anything is written
     report = {
         "source_model": options.model,
         "method": options.method,
         "options": asdict(options),
         "parameters": parameter_summary(dense_params, compressed_params),
+        "weight_bytes": {"dtype": str(model.dtype).removeprefix("torch."),  # both counted at the saved dtype
+                         "dense": weight_bytes(dense_params.total, model.dtype),
+                         "compressed": weight_bytes(compressed_params.total, model.dtype)},
         "residual_widths": model.config.residual_widths,
         "calibration": windows.protocol | {"source": options.calib},
-        "seconds": round(time.perf_counter() - start, 2),
-    }
+    }  # no timings here: same inputs must give byte-identical outputs (the manifest keeps timings)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         write_json(tmp / "compression_report.json", report)
-    return CompressResult(out_dir, dense_params, compressed_params, report["seconds"], report)
+    return CompressResult(out_dir, dense_params, compressed_params, round(time.perf_counter() - start, 2), report)

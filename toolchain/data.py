@@ -69,6 +69,14 @@ def load_text(name_or_path: str, split: str = "test") -> str:
     return JOIN.join(load_documents(name_or_path, split))
 
 
+def check_source_name(name_or_path: str) -> None:
+    """Fail fast (before any model is loaded) on a text source that cannot exist."""
+    name = str(name_or_path).strip()
+    if name.lower() == "ptb" or name.lower() in _HUB_TEXT or Path(name).expanduser().is_file():
+        return
+    _unknown_source(name)
+
+
 def load_documents(name_or_path: str, split: str = "test") -> list[str]:
     """The split's documents: PTB sentences, dataset rows, jsonl/parquet records, or a .txt file whole."""
     name = str(name_or_path).strip()
@@ -80,6 +88,11 @@ def load_documents(name_or_path: str, split: str = "test") -> list[str]:
     path = Path(name).expanduser()
     if path.is_file():
         return _file_documents(path)
+    _unknown_source(name)
+
+
+def _unknown_source(name: str):
+    path = Path(name).expanduser()
     if path.exists() or path.suffix.lower() in FILE_SUFFIXES or os.sep in name:
         raise DataError(f"{name} is not a readable file; check the path (supported: {', '.join(FILE_SUFFIXES)})")
     raise DataError(

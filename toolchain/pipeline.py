@@ -11,6 +11,7 @@ redo exactly the stages they affect.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import platform
@@ -63,6 +64,17 @@ class BuildOptions:
             raise InvalidOptionError(f"unknown --target {self.target!r}; choose one of {', '.join(TARGETS)}")
         if self.dtype not in DTYPES:
             raise InvalidOptionError(f"unknown --dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+        if self.target == "torch" and self.dtype != "fp32":
+            raise InvalidOptionError("--dtype applies to the exported model; the torch target saves fp32 weights "
+                                     "(use --target onnx --dtype fp16, or load the saved model with torch_dtype)")
+        if self.eval is not None:
+            from .data import check_source_name
+
+            check_source_name(self.eval)
+        if self.target != "torch":
+            from runtime.sessions import provider_name
+
+            provider_name(self.provider)  # a missing ORT provider fails now, not after compressing
         self.compress_options().validate()
 
     def compress_options(self):
@@ -245,9 +257,13 @@ def build(options: BuildOptions, out: str | Path, force: bool = False,
         start = time.perf_counter()
         try:
             stage.run(build_dir, options, progress)
-        except BaseException:
+        except BaseException as err:
             manifest["stages"][stage.name]["status"] = "failed"
             write_json(build_dir / MANIFEST, manifest)
+            if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+                raise OutputPathError(f"no space left on the device while writing {build_dir / stage.output}; "
+                                      "free some space or choose another --out, then run the same command "
+                                      "again to resume") from None
             raise
         manifest["stages"][stage.name] = {
             "status": "done", "output": stage.output, "key": key, "options": stage.options(options),

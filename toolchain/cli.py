@@ -358,6 +358,9 @@ def print_build_summary(build_dir: Path, manifest: dict) -> None:
     for name, record in manifest["stages"].items():
         table.add_row(name, record.get("status", "?"), str(record.get("seconds", "")), str(len(record.get("outputs", {}))))
     Console().print(table)
+    for name, record in manifest["stages"].items():
+        if record.get("note"):
+            Console().print(f"{name}: {record['note']}", highlight=False, soft_wrap=True)
     report = build_dir / "sliced" / "compression_report.json"
     if report.exists():
         print_parameter_table("parameters", json.loads(report.read_text())["parameters"])
@@ -417,6 +420,15 @@ def bench_command(
     table_out = Console(width=160) if not Console().is_terminal else Console()
     table_out.print(result.markdown_path.read_text(), highlight=False, markup=False)
     table_out.print(f"report: {', '.join(str(p) for p in result.paths.values())}", highlight=False)
+
+
+def _add_tensorrt_commands() -> None:
+    from exporters.tensorrt import cli as trt_cli
+
+    app.add_typer(trt_cli, name="trt", help="TensorRT bundle: build the engine, check, validate")
+
+
+_add_tensorrt_commands()
 
 
 def main() -> None:  # pragma: no cover - console entry point

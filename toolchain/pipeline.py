@@ -89,7 +89,7 @@ class BuildOptions:
 class Stage:
     name: str
     output: str  # dir under the build dir
-    run: Callable[[Path, BuildOptions, Callable | None], None]
+    run: Callable[[Path, BuildOptions, Callable | None], str | None]  # returns an optional note
     options: Callable[[BuildOptions], dict]  # the options that change this stage's output
     reads: tuple[str, ...] = ()  # outputs of earlier stages this stage reads
     targets: tuple[str, ...] = TARGETS
@@ -111,10 +111,13 @@ def run_export(build: Path, options: BuildOptions, progress=None) -> None:
     export_onnx(build / "sliced", build / "onnx", ExportOptions(dtype=options.dtype, overwrite=True))
 
 
-def run_trt_bundle(build: Path, options: BuildOptions, progress=None) -> None:
-    from exporters.tensorrt import write_bundle
+def run_trt_bundle(build: Path, options: BuildOptions, progress=None) -> str:
+    """Always write the portable bundle; build the engine in the same run only where TensorRT and a
+    GPU are present. Returns the one-line outcome for the user."""
+    from exporters.tensorrt import build_engine_if_available, write_bundle
 
     write_bundle(build / "sliced", build / "trt", overwrite=True)
+    return build_engine_if_available(build / "trt").message
 
 
 def run_validate(build: Path, options: BuildOptions, progress=None) -> None:
@@ -256,7 +259,7 @@ def build(options: BuildOptions, out: str | Path, force: bool = False,
         write_json(build_dir / MANIFEST, manifest)
         start = time.perf_counter()
         try:
-            stage.run(build_dir, options, progress)
+            note = stage.run(build_dir, options, progress)
         except BaseException as err:
             manifest["stages"][stage.name]["status"] = "failed"
             write_json(build_dir / MANIFEST, manifest)
@@ -270,6 +273,8 @@ def build(options: BuildOptions, out: str | Path, force: bool = False,
             "seconds": round(time.perf_counter() - start, 2), "versions": library_versions(),
             "outputs": hash_outputs(build_dir / stage.output),
         }
+        if note:
+            manifest["stages"][stage.name]["note"] = note
         write_json(build_dir / MANIFEST, manifest)
         on_stage and on_stage(stage.name, "done")
     return manifest

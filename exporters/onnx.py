@@ -1,0 +1,270 @@
+"""Canonical model (dense or sliced) → one ONNX graph with KV cache that serves prefill and decode.
+
+Stages, each a file in a scratch dir inside the (atomic) output dir:
+  torch.onnx.export(dynamo=True) → check → [ORT fusion] → [fp16 with fp32 islands] → check → model.onnx
+Beside the graph: export_config.json (I/O contract and per-layer dims), export_report.json (op counts
+before/after, checks, timings), config.json (+ generation_config.json, tokenizer files when the
+source has them), so onnxruntime-genai / optimum-style loaders find what they expect.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import shutil
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+from runtime.loading import load_causal_lm, to_canonical_model
+from toolchain import __version__
+from toolchain.errors import InvalidOptionError
+from toolchain.fileio import atomic_dir, sha256_file, write_json
+from toolchain.model import SlicedForCausalLM
+
+from . import onnx_graph
+from .kv_wrapper import (BATCH, PAST, SEQ, TOTAL, KVCacheWrapper, dynamic_axes, dynamic_shapes, example_inputs,
+                         input_names, kv_head_dims, output_names)
+
+DTYPES = ("fp32", "fp16")
+EXPORTERS = ("dynamo", "torchscript")
+MODEL_FILE = "model.onnx"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
+# Stay clear of protobuf's hard 2 GB limit (graph + metadata ride along with the weights).
+EXTERNAL_DATA_THRESHOLD = int(1.8 * 2**30)
+
+
+@dataclass
+class ExportOptions:
+    dtype: str = "fp32"  # fp32 | fp16 (norms, RoPE angles, softmax and logits stay fp32)
+    optimize: bool = True  # ORT transformer-optimizer fusions (graph then has ORT contrib ops)
+    external_data: bool = False  # always write weights to model.onnx.data (automatic past ~1.8 GB)
+    opset: int = 20
+    exporter: str = "dynamo"  # "torchscript": the legacy exporter, a fallback if dynamo fails
+    overwrite: bool = False
+
+
+@dataclass
+class ExportResult:
+    out_dir: Path
+    model_path: Path
+    config: dict  # export_config.json
+    report: dict  # export_report.json
+
+
+def export_onnx(source: str | Path | nn.Module, out: str | Path, options: ExportOptions | None = None,
+                traced: str | Path | None = None) -> ExportResult:
+    """Export `source` (a canonical/HF model object, a model dir or a hub id) into the new dir `out`.
+
+    `traced`: a graph `trace_onnx` already wrote for this same model; reusing it skips the torch
+    export (the slow step), e.g. to produce fp32 and fp16 variants from one trace.
+    """
+    options = options or ExportOptions()
+    _check_options(options)
+    model, source_dir, source_name = _load(source)
+    config = model.config
+    weight_bytes = sum(p.numel() for p in model.parameters()) * (2 if options.dtype == "fp16" else 4)
+    external = options.external_data or weight_bytes >= EXTERNAL_DATA_THRESHOLD
+    timings, checks = {}, {}
+
+    with atomic_dir(out, overwrite=options.overwrite) as tmp:
+        stages = tmp / ".stages"
+        stages.mkdir()
+        current = stages / "exported.onnx"
+        start = time.perf_counter()
+        if traced is None:
+            trace_onnx(model, current, options, external)
+            timings["torch_export_s"] = time.perf_counter() - start
+        else:
+            onnx_graph.save(onnx.load(str(traced)), current, external)
+        checks["exported"] = onnx_graph.check(current)
+        graph = onnx_graph.load_graph(current)  # reload: the check wrote inferred shapes into it
+        counts = {"exported": onnx_graph.op_counts(graph)}
+
+        if options.optimize:
+            start = time.perf_counter()
+            graph = onnx_graph.ort_fuse(current, stages / "fused.onnx", external)
+            timings["ort_fusion_s"] = time.perf_counter() - start
+            current = stages / "fused.onnx"
+            counts["fused"] = onnx_graph.op_counts(graph)
+        if options.dtype == "fp16":
+            start = time.perf_counter()
+            graph = onnx_graph.to_fp16(current, stages / "fp16.onnx", external)
+            timings["fp16_s"] = time.perf_counter() - start
+            current = stages / "fp16.onnx"
+            counts["fp16"] = onnx_graph.op_counts(graph)
+
+        final = tmp / MODEL_FILE
+        onnx_graph.save(onnx.load(str(current)), final, external)
+        shutil.rmtree(stages)
+        checks["final"] = onnx_graph.check(final)
+        graph = onnx_graph.load_graph(final)
+
+        export_config = _export_config(model, graph, options, external, source_name)
+        report = _report(config, options, counts, onnx_graph.op_counts(graph), checks, timings, tmp)
+        write_json(tmp / "export_config.json", export_config)
+        write_json(tmp / "export_report.json", report)
+        config.save_pretrained(tmp)  # config.json: what optimum/genai-style loaders read
+        _copy_side_files(source_dir, tmp)
+    out = Path(out)
+    return ExportResult(out, out / MODEL_FILE, export_config, report)
+
+
+def expected_norm_count(config) -> int:
+    """Norms in the canonical model: 2 per sequential layer, 1 per parallel layer, plus the final one."""
+    return config.num_hidden_layers * (1 if config.parallel_block else 2) + 1
+
+
+def _check_options(options: ExportOptions) -> None:
+    if options.dtype not in DTYPES:
+        raise InvalidOptionError(f"--dtype {options.dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+    if options.exporter not in EXPORTERS:
+        raise InvalidOptionError(f"exporter {options.exporter!r} is unknown; choose one of {', '.join(EXPORTERS)}")
+    if options.opset < 20:
+        raise InvalidOptionError(f"opset {options.opset} is too old; use 20 or newer")
+
+
+def _load(source) -> tuple[SlicedForCausalLM, Path | None, str]:
+    if isinstance(source, nn.Module):
+        name = getattr(source.config, "source_model", None) or getattr(source.config, "_name_or_path", "") or "in-memory"
+        model = source if isinstance(source, SlicedForCausalLM) else to_canonical_model(source, name)
+        if any(p.dtype != torch.float32 for p in model.parameters()):
+            model = copy.deepcopy(model).float()  # export traces fp32; fp16 is a graph pass
+        return model.eval(), None, str(name)
+    model, path = load_causal_lm(source)
+    return to_canonical_model(model, str(source)), path, str(source)
+
+
+def trace_onnx(model: SlicedForCausalLM, path: str | Path, options: ExportOptions | None = None,
+               external: bool = False) -> Path:
+    """torch → the raw fp32 ONNX graph (standard ops only) at `path`, dims renamed, not yet checked."""
+    options = options or ExportOptions()
+    path = Path(path)
+    layers = model.config.num_hidden_layers
+    wrapper = KVCacheWrapper(model).eval()
+    args = example_inputs(model.config)
+    names = {"input_names": input_names(layers), "output_names": output_names(layers)}
+    with torch.no_grad(), _quiet_torch_export():
+        if options.exporter == "dynamo":
+            try:
+                program = torch.onnx.export(wrapper, args, dynamo=True, dynamic_shapes=dynamic_shapes(layers),
+                                            opset_version=options.opset, verbose=False, optimize=True, **names)
+            except Exception as err:
+                err.add_note("toolchain: the dynamo exporter failed on this model; `--exporter torchscript` "
+                             "(ExportOptions(exporter='torchscript')) is the fallback")
+                raise
+            graph = program.model_proto
+        else:  # legacy TorchScript exporter; writes the file itself
+            torch.onnx.register_custom_op_symbolic("aten::rms_norm", _rms_norm_symbolic, options.opset)
+            torch.onnx.export(wrapper, args, str(path), dynamo=False, dynamic_axes=dynamic_axes(layers),
+                              opset_version=options.opset, do_constant_folding=True, **names)
+            graph = onnx.load(str(path))
+    onnx_graph.rename_dims(graph)
+    onnx_graph.save(graph, path, external)
+    return path
+
+
+def _rms_norm_symbolic(g, x, normalized_shape, weight, eps):
+    """aten::rms_norm for the TorchScript exporter (it has none), in the Pow/ReduceMean/Add/Sqrt/Div/Mul
+    form ORT's optimizer fuses into SimplifiedLayerNormalization."""
+    from torch.onnx import symbolic_helper
+
+    dims = len(symbolic_helper._parse_arg(normalized_shape, "is"))
+    eps = symbolic_helper._parse_arg(eps, "f") if not symbolic_helper._is_none(eps) else torch.finfo(torch.float32).eps
+    const = lambda value, dtype=torch.float32: g.op("Constant", value_t=torch.tensor(value, dtype=dtype))  # noqa: E731
+    mean_square = g.op("ReduceMean", g.op("Pow", x, const(2.0)), const(list(range(-dims, 0)), torch.long), keepdims_i=1)
+    normed = g.op("Div", x, g.op("Sqrt", g.op("Add", mean_square, const(eps))))
+    return normed if symbolic_helper._is_none(weight) else g.op("Mul", normed, weight)
+
+
+@contextlib.contextmanager
+def _quiet_torch_export():
+    """torch.onnx warns about optional torchvision ops and dim renames it handles itself; keep the
+    CLI output to what the user can act on."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.onnx.*")
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def _io_spec(values) -> list[dict]:
+    spec = []
+    for value in values:
+        tensor = value.type.tensor_type
+        shape = [d.dim_param or d.dim_value for d in tensor.shape.dim]
+        spec.append({"name": value.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name,
+                     "shape": shape})
+    return spec
+
+
+def _export_config(model, graph: onnx.ModelProto, options: ExportOptions, external: bool, source: str) -> dict:
+    config = model.config
+    opsets = {entry.domain or "ai.onnx": entry.version for entry in graph.opset_import}
+    inputs, outputs = _io_spec(graph.graph.input), _io_spec(graph.graph.output)
+    kv_dtype = next(i["dtype"] for i in inputs if i["name"].startswith("past_key_values")) if config.num_hidden_layers else None
+    return {
+        "format": "onnx",
+        "model_file": MODEL_FILE,
+        "external_data": MODEL_FILE + onnx_graph.DATA_SUFFIX if external else None,
+        "dtype": options.dtype,
+        "kv_cache_dtype": kv_dtype,
+        "logits_dtype": next(o["dtype"] for o in outputs if o["name"] == "logits"),
+        "opset": opsets.get("ai.onnx"),
+        "opsets": dict(sorted(opsets.items())),
+        "optimized": options.optimize,
+        "exporter": options.exporter,
+        "inputs": inputs,
+        "outputs": outputs,
+        "dims": {BATCH: "batch", SEQ: "new tokens this step (prefill: prompt length, decode: 1)",
+                 PAST: "cached tokens (0 at prefill)", TOTAL: f"{PAST} + {SEQ} (attention_mask length)"},
+        "model_type": config.model_type,
+        "vocab_size": config.vocab_size,
+        "num_layers": config.num_hidden_layers,
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": config.num_key_value_heads,
+        "key_head_dims": [k for k, _ in kv_head_dims(config)],
+        "value_head_dims": [v for _, v in kv_head_dims(config)],
+        "residual_widths": list(config.residual_widths),
+        "intermediate_sizes": list(config.intermediate_sizes),
+        "parallel_block": config.parallel_block,
+        "compression": config.compression,
+        "source_model": config.source_model or source,
+        "toolchain_version": __version__,
+        "torch_version": torch.__version__.split("+")[0],
+        "onnx_version": onnx.__version__,
+    }
+
+
+def _report(config, options: ExportOptions, counts: dict, final_counts: dict, checks: dict, timings: dict, out_dir: Path) -> dict:
+    fused = sum(final_counts.get(op, 0) for op in onnx_graph.ORT_FUSED_NORMS)
+    files = {p.name: sha256_file(p) for p in sorted(out_dir.glob(MODEL_FILE + "*"))}
+    return {
+        "op_counts": {**counts, "final": final_counts},
+        "fused_norms": fused,
+        "model_norms": expected_norm_count(config),
+        "checks": checks,
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+        "sha256": files,
+        "options": {k: v for k, v in asdict(options).items() if k != "overwrite"},
+    }
+
+
+def _copy_side_files(source_dir: Path | None, out_dir: Path) -> None:
+    if source_dir is None:
+        return
+    for name in TOKENIZER_FILES:
+        if (source_dir / name).is_file():
+            shutil.copyfile(source_dir / name, out_dir / name)

@@ -1,0 +1,228 @@
+"""One Session interface over torch and onnxruntime, so generation, parity and latency code is
+written once. Everything crossing the interface is numpy: int64 ids/mask/positions, a past of
+(key, value) arrays per layer shaped (batch, kv_heads, past_len, head_dim_of_that_layer), and
+logits returned as float32.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from toolchain.errors import ArtifactError, BackendUnavailableError, InvalidOptionError
+
+Past = list[tuple[np.ndarray, np.ndarray]]
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+
+
+@dataclass(frozen=True)
+class KVShape:
+    heads: int
+    key_dim: int
+    value_dim: int
+
+
+class Session:
+    """run(input_ids, attention_mask, position_ids, past) -> (logits, present).
+
+    attention_mask covers past + new tokens; `present` is the past for the next call.
+    """
+
+    name: str = "session"
+    vocab_size: int
+    kv_shapes: list[KVShape]
+    kv_dtype: np.dtype
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.kv_shapes)
+
+    def empty_past(self, batch: int) -> Past:
+        """The past for a prefill call: every layer's cache with length 0."""
+        return [(np.zeros((batch, s.heads, 0, s.key_dim), self.kv_dtype),
+                 np.zeros((batch, s.heads, 0, s.value_dim), self.kv_dtype)) for s in self.kv_shapes]
+
+    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
+            past: Past) -> tuple[np.ndarray, Past]:
+        raise NotImplementedError
+
+
+class TorchSession(Session):
+    """Eager torch: the canonical model (through ListCache) or any HF causal LM (through DynamicCache)."""
+
+    def __init__(self, model, name: str = "torch"):
+        import torch
+
+        from toolchain.model import SlicedForCausalLM
+
+        self.model, self.name = model.eval(), name
+        self.canonical = isinstance(model, SlicedForCausalLM)
+        config = model.config
+        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        if self.canonical:
+            self.kv_shapes = [KVShape(heads, k, v) for k, v in zip(config.qk_head_dims, config.v_head_dims)]
+        else:
+            dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+            self.kv_shapes = [KVShape(heads, dim, dim)] * config.num_hidden_layers
+        self.vocab_size = config.vocab_size
+        self.dtype = next(model.parameters()).dtype
+        # numpy has no bfloat16: a bf16 model's cache crosses the interface as fp32
+        self.kv_dtype = np.dtype(np.float32) if self.dtype == torch.bfloat16 else np.dtype(str(self.dtype)[6:])
+        self.device = next(model.parameters()).device
+        self._torch = torch
+
+    def run(self, input_ids, attention_mask, position_ids, past):
+        torch = self._torch
+        tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(self.device)  # noqa: E731  (no copy on CPU)
+        kv = [(tensor(k).to(self.dtype), tensor(v).to(self.dtype)) for k, v in past]
+        with torch.inference_mode():
+            if self.canonical:
+                from toolchain.model import ListCache
+
+                cache = ListCache(kv)
+            else:
+                from transformers.cache_utils import DynamicCache
+
+                cache = DynamicCache(kv) if kv and kv[0][0].shape[2] else DynamicCache()
+            out = self.model(input_ids=tensor(input_ids), attention_mask=tensor(attention_mask),
+                             position_ids=tensor(position_ids), past_key_values=cache, use_cache=True)
+            present = cache.present if self.canonical else [(layer.keys, layer.values) for layer in cache.layers]
+            logits = out.logits.float().cpu().numpy()
+            host = lambda t: t.cpu().numpy() if t.dtype != torch.bfloat16 else t.float().cpu().numpy()  # noqa: E731
+            return logits, [(host(k), host(v)) for k, v in present]
+
+
+class OrtSession(Session):
+    """onnxruntime over an exported dir or .onnx file, on one named provider (no silent fallback).
+
+    Inputs are bound in place and outputs are ORT-allocated and handed back as views, so a decode
+    step copies nothing beyond what the graph itself does.
+    """
+
+    def __init__(self, path: str | Path, provider: str = "cpu", threads: int | None = None, name: str | None = None):
+        import onnxruntime as ort
+
+        self.path = resolve_onnx_path(path)
+        self.provider = provider_name(provider)
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        options.log_severity_level = 3  # ORT's own warnings (e.g. unused initializers) are not the user's problem
+        try:
+            self.session = ort.InferenceSession(str(self.path), options, providers=[self.provider])
+        except Exception as err:  # noqa: BLE001  (pybind raises several unrelated types for bad files)
+            raise ArtifactError(f"{self.path} cannot be loaded by onnxruntime ({_first_line(err)}); the file is "
+                                "corrupted or truncated, or its .data file is missing: re-run `toolchain export`") from err
+        if self.session.get_providers()[0] != self.provider:
+            raise BackendUnavailableError(f"onnxruntime could not initialise {self.provider} for {self.path} (it "
+                                          f"fell back to {self.session.get_providers()[0]}); check the GPU drivers "
+                                          "and CUDA/TensorRT libraries, or use --provider cpu")
+        self.name = name or f"ort-{provider}"
+        self.device = "cuda" if provider in ("cuda", "tensorrt") else "cpu"
+        self._inputs = {i.name: i for i in self.session.get_inputs()}
+        self._outputs = [o.name for o in self.session.get_outputs()]
+        self.kv_shapes, self.kv_dtype = _kv_layout(self._inputs)
+        self.vocab_size = _vocab_size(self.session, self.path)
+
+    def run(self, input_ids, attention_mask, position_ids, past):
+        binding = self.session.io_binding()
+        feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        for i, (key, value) in enumerate(past):
+            feeds[f"past_key_values.{i}.key"], feeds[f"past_key_values.{i}.value"] = key, value
+        for name, array in feeds.items():
+            if name in self._inputs:  # e.g. position_ids is optional for learned-position graphs elsewhere
+                binding.bind_cpu_input(name, _as_type(array, self._inputs[name].type))
+        for name in self._outputs:
+            binding.bind_output(name, self.device)
+        self.session.run_with_iobinding(binding)
+        values = binding.get_outputs()
+        arrays = [v.numpy() for v in values] if self.device == "cpu" else binding.copy_outputs_to_cpu()
+        out = dict(zip(self._outputs, arrays))
+        present = [(out[f"present.{i}.key"], out[f"present.{i}.value"]) for i in range(self.num_layers)]
+        return out["logits"].astype(np.float32, copy=False), present
+
+
+def provider_name(provider: str) -> str:
+    """cpu/cuda/tensorrt → the ORT provider, refusing ones this onnxruntime build does not have."""
+    import onnxruntime as ort
+
+    key = provider.lower()
+    if key not in PROVIDERS:
+        raise InvalidOptionError(f"unknown provider {provider!r}; choose one of {', '.join(PROVIDERS)}")
+    name = PROVIDERS[key]
+    available = ort.get_available_providers()
+    if name not in available:
+        hint = "pip install onnxruntime-gpu (and CUDA/cuDNN" + (", TensorRT" if key == "tensorrt" else "") + ")"
+        raise BackendUnavailableError(f"{name} is not available in this onnxruntime build (available: "
+                                      f"{', '.join(available)}); {hint}, or use --provider cpu")
+    return name
+
+
+def resolve_onnx_path(path: str | Path) -> Path:
+    """A .onnx file, or an export dir holding model.onnx."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        path = path / "model.onnx"
+    if not path.is_file():
+        raise ArtifactError(f"{path} does not exist; export the model first (`toolchain export ... --out DIR`)")
+    return path
+
+
+def open_session(path: str | Path, provider: str = "cpu", dtype: str = "fp32", name: str | None = None) -> Session:
+    """An OrtSession for ONNX files/dirs, else a TorchSession over the torch model dir or hub id."""
+    path = Path(path).expanduser()
+    if path.suffix == ".onnx" or (path / "model.onnx").is_file():
+        return OrtSession(path, provider, name=name)
+    import torch
+
+    from .loading import load_causal_lm
+
+    if provider != "cpu":
+        provider_name(provider)  # reject unknown names the same way
+    model, _ = load_causal_lm(path, dtype=torch.float16 if dtype == "fp16" else torch.float32)
+    return TorchSession(model, name=name or "torch")
+
+
+_ORT_TYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(float)": np.float32,
+              "tensor(float16)": np.float16}
+
+
+def _as_type(array: np.ndarray, ort_type: str) -> np.ndarray:
+    dtype = _ORT_TYPES.get(ort_type)
+    array = np.asarray(array)
+    return np.ascontiguousarray(array if dtype is None else array.astype(dtype, copy=False))
+
+
+def _kv_layout(inputs: dict) -> tuple[list[KVShape], np.dtype]:
+    shapes, dtype, layer = [], np.dtype(np.float32), 0
+    while f"past_key_values.{layer}.key" in inputs:
+        key, value = inputs[f"past_key_values.{layer}.key"], inputs[f"past_key_values.{layer}.value"]
+        shapes.append(KVShape(int(key.shape[1]), int(key.shape[3]), int(value.shape[3])))
+        dtype = np.dtype(_ORT_TYPES[key.type])
+        layer += 1
+    if not shapes:
+        raise ArtifactError("the ONNX graph has no past_key_values.{i}.key inputs; export it with "
+                            "`toolchain export` (KV-cache graph with optimum/genai names)")
+    return shapes, dtype
+
+
+def _vocab_size(session, path: Path) -> int:
+    """From the logits shape, else from export_config.json beside the graph."""
+    logits = next((o for o in session.get_outputs() if o.name == "logits"), None)
+    if logits is None:
+        raise ArtifactError(f"{path} has no `logits` output; export it with `toolchain export`")
+    if isinstance(logits.shape[-1], int):
+        return logits.shape[-1]
+    config = path.parent / "export_config.json"
+    if config.is_file():
+        return int(json.loads(config.read_text())["vocab_size"])
+    raise ArtifactError(f"{path}: the vocab size is neither static in the graph nor in export_config.json; re-export")
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return text[0][:300] if text else type(err).__name__

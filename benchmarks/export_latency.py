@@ -3,7 +3,8 @@ ONNX Runtime CPU on the exported graph: prefill of 128 tokens and 32 decode step
 
     python benchmarks/export_latency.py [--runs 10] [--slice 0.3] [--threads 2]
 Writes benchmarks/results/export_latency.{json,md}. Both runtimes go through the same Session
-interface (numpy in/out), so the comparison includes the same per-step overhead.
+interface (numpy in/out), so the comparison includes the same per-step overhead; the four
+configurations are timed round-robin so a busy machine slows them alike.
 """
 
 from __future__ import annotations
@@ -42,14 +43,25 @@ def time_generation(session: Session, prompt: np.ndarray, decode_steps: int) -> 
     return prefill, (time.perf_counter() - start) / decode_steps
 
 
-def measure(session: Session, prompt: np.ndarray, decode_steps: int, runs: int, warmup: int = 2) -> dict:
-    for _ in range(warmup):
-        time_generation(session, prompt, decode_steps)
-    prefill, decode = zip(*(time_generation(session, prompt, decode_steps) for _ in range(runs)))
-    return {"prefill_ms": 1e3 * statistics.median(prefill), "decode_ms_per_token": 1e3 * statistics.median(decode),
-            "prefill_ms_p90": 1e3 * float(np.percentile(prefill, 90)),
-            "decode_ms_per_token_p90": 1e3 * float(np.percentile(decode, 90)),
-            "decode_tokens_per_s": 1.0 / statistics.median(decode), "runs": runs}
+def measure(sessions: dict[str, Session], prompt: np.ndarray, decode_steps: int, runs: int,
+            warmup: int = 2) -> dict[str, dict]:
+    """Round-robin over the sessions, so load from other processes hits every configuration alike."""
+    for session in sessions.values():
+        for _ in range(warmup):
+            time_generation(session, prompt, decode_steps)
+    samples: dict[str, list] = {name: [] for name in sessions}
+    for _ in range(runs):
+        for name, session in sessions.items():
+            samples[name].append(time_generation(session, prompt, decode_steps))
+    stats = {}
+    for name, pairs in samples.items():
+        prefill, decode = zip(*pairs)
+        stats[name] = {"prefill_ms": 1e3 * statistics.median(prefill),
+                       "decode_ms_per_token": 1e3 * statistics.median(decode),
+                       "prefill_ms_p90": 1e3 * float(np.percentile(prefill, 90)),
+                       "decode_ms_per_token_p90": 1e3 * float(np.percentile(decode, 90)),
+                       "decode_tokens_per_s": 1.0 / statistics.median(decode), "runs": runs}
+    return stats
 
 
 def weight_bytes(model) -> dict:
@@ -77,31 +89,30 @@ def main() -> None:
     prompt = np.random.default_rng(0).integers(3, dense.config.vocab_size, (1, args.prompt), dtype=np.int64)
 
     results: dict = {}
+    sessions: dict[str, Session] = {}
     with tempfile.TemporaryDirectory() as scratch:
         for name, model in (("dense", dense), ("sliced", sliced)):
             start = time.perf_counter()
             export = export_onnx(model, Path(scratch) / name, ExportOptions(dtype="fp32", optimize=True))
-            export_seconds = time.perf_counter() - start
-            entry = {"weights": weight_bytes(model), "export_seconds": round(export_seconds, 1),
-                     "onnx_mb": round(sum(p.stat().st_size for p in export.out_dir.glob("model.onnx*")) / 2**20, 1),
-                     "fused_norms": export.report["fused_norms"], "residual_widths": model.config.residual_widths[:3]}
-            for runtime, session in (("torch", TorchSession(model)),
-                                     ("ort", OrtSession(export.out_dir, "cpu", threads=args.threads))):
-                entry[runtime] = measure(session, prompt, args.decode, args.runs)
-                print(name, runtime, {k: round(v, 2) for k, v in entry[runtime].items()}, flush=True)
-                del session
-            results[name] = entry
+            results[name] = {"weights": weight_bytes(model), "export_seconds": round(time.perf_counter() - start, 1),
+                             "onnx_mb": round(sum(p.stat().st_size for p in export.out_dir.glob("model.onnx*")) / 2**20, 1),
+                             "fused_norms": export.report["fused_norms"],
+                             "residual_widths": model.config.residual_widths[:3]}
+            sessions[f"{name}/torch"] = TorchSession(model)
+            sessions[f"{name}/ort"] = OrtSession(export.out_dir, "cpu", threads=args.threads)
+        for key, stats in measure(sessions, prompt, args.decode, args.runs).items():
+            name, runtime = key.split("/")
+            results[name][runtime] = stats
+            print(key, {k: round(v, 2) for k, v in stats.items()}, flush=True)
 
+    def ratio(a: dict, b: dict) -> dict:
+        return {"prefill": a["prefill_ms"] / b["prefill_ms"], "decode": a["decode_ms_per_token"] / b["decode_ms_per_token"]}
+
+    weights = {m: results[m]["weights"] for m in results}
     ratios = {
-        "ort_over_torch": {m: {"prefill": results[m]["ort"]["prefill_ms"] / results[m]["torch"]["prefill_ms"],
-                               "decode": results[m]["ort"]["decode_ms_per_token"] / results[m]["torch"]["decode_ms_per_token"]}
-                           for m in results},
-        "sliced_over_dense": {r: {"prefill": results["sliced"][r]["prefill_ms"] / results["dense"][r]["prefill_ms"],
-                                  "decode": results["sliced"][r]["decode_ms_per_token"] / results["dense"][r]["decode_ms_per_token"]}
-                              for r in ("torch", "ort")},
-        "ideal_weight_bytes": {"all": results["sliced"]["weights"]["all"] / results["dense"]["weights"]["all"],
-                               "read_per_token": results["sliced"]["weights"]["read_per_token"]
-                               / results["dense"]["weights"]["read_per_token"]},
+        "ort_over_torch": {m: ratio(results[m]["ort"], results[m]["torch"]) for m in results},
+        "sliced_over_dense": {r: ratio(results["sliced"][r], results["dense"][r]) for r in ("torch", "ort")},
+        "ideal_weight_bytes": {k: weights["sliced"][k] / weights["dense"][k] for k in ("all", "read_per_token")},
     }
     payload = {"benchmark": "export_latency", "machine": machine_info(), "load_average": os.getloadavg(),
                "model": "llama-shaped 768x12, 12 heads, inner 2048, vocab 32000, random weights, fp32",
@@ -119,7 +130,7 @@ def render(p: dict) -> str:
     lines = [
         "# Export latency: eager torch vs ONNX Runtime (CPU), dense vs sliced", "",
         f"{p['model']}; slice {p['slice']}; prompt {p['prompt_tokens']} tokens then {p['decode_steps']} decode steps, "
-        f"batch 1, {p['threads']} threads; medians of {r['dense']['torch']['runs']} runs after warm-up. "
+        f"batch 1, threads={p['threads']}; medians of {r['dense']['torch']['runs']} runs after warm-up. "
         f"Load average during the run: {', '.join(f'{x:.1f}' for x in p['load_average'])}.", "",
         "| model | runtime | prefill ms | decode ms/token | tokens/s | params | ONNX MB |", "|---|---|---|---|---|---|---|",
     ]

@@ -214,7 +214,7 @@ def _export_config(model, graph: onnx.ModelProto, options: ExportOptions, extern
     config = model.config
     opsets = {entry.domain or "ai.onnx": entry.version for entry in graph.opset_import}
     inputs, outputs = _io_spec(graph.graph.input), _io_spec(graph.graph.output)
-    kv_dtype = next(i["dtype"] for i in inputs if i["name"].startswith("past_key_values")) if config.num_hidden_layers else None
+    kv_dtype = next((i["dtype"] for i in inputs if i["name"].startswith("past_key_values")), None)
     return {
         "format": "onnx",
         "model_file": MODEL_FILE,
@@ -248,7 +248,8 @@ def _export_config(model, graph: onnx.ModelProto, options: ExportOptions, extern
     }
 
 
-def _report(config, options: ExportOptions, counts: dict, final_counts: dict, checks: dict, timings: dict, out_dir: Path) -> dict:
+def _report(config, options: ExportOptions, counts: dict, final_counts: dict, checks: dict, timings: dict,
+            out_dir: Path) -> dict:
     fused = sum(final_counts.get(op, 0) for op in onnx_graph.ORT_FUSED_NORMS)
     files = {p.name: sha256_file(p) for p in sorted(out_dir.glob(MODEL_FILE + "*"))}
     return {

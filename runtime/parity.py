@@ -197,7 +197,8 @@ def to_markdown(report: dict) -> str:
     lines += ["| check | value | limit | result |", "|---|---|---|---|"]
     for c in report["checks"]:
         lines.append(f"| {c['check']} | {_fmt(c['value'])} | {_fmt(c['limit'])} | {'pass' if c['passed'] else 'FAIL'} |")
-    lines += ["", "| step | output | max abs | mean abs | max rel | cosine | top-1 | top-5 |", "|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| step | output | max abs | mean abs | max rel | cosine | top-1 | top-5 |",
+              "|---|---|---|---|---|---|---|---|"]
     for step in report["steps"]:
         m = step["logits"]
         lines.append(f"| {step['step']} | logits | {_fmt(m['max_abs'])} | {_fmt(m['mean_abs'])} | {_fmt(m['max_rel'])} | "

@@ -1,8 +1,20 @@
 """Perplexity vs total parameters on the real test model (SmolLM2-135M, PTB), per slicing recipe.
 
-    python benchmarks/smollm2_quality.py [--nsamples 32] [--seqlen 256] [--eval-windows 16] [--only NAME ...]
+    python benchmarks/smollm2_quality.py [--nsamples 16] [--seqlen 256] [--eval-windows 8] [--only NAME ...]
 Writes benchmarks/results/smollm2_quality.{json,md,png}. Calibration: PTB train; evaluation: PTB test
-(the protocol is recorded in the JSON).
+(the protocol is recorded in the JSON). Rows measured under another protocol are dropped on merge.
+
+Issue 12 families are measured at total-parameter targets (a fraction of the dense *tied* model's count,
+shortcuts, table and head included), so every method is compared at the same size:
+  reference          untied head, one uniform width (the reference SliceGPT recipe), widths fitted to the target
+  tied               one sliced token table shared with the head, Q_0 from the first stream, uniform width
+  tied+joint         ... Q_0 from the first stream and the head input (tie basis)
+  tied+share-layer   ... one rotation per layer (one shortcut per layer instead of two)
+  tied+share-all     ... one rotation for the whole model (no shortcuts)
+  tied+budget        ... per-position widths from the dense PCA spectra (one explained-variance fraction)
+  all                joint tie basis + shared layer rotation + variance budget
+  project+share-layer  full V x D table kept (--tie project: exact head), one rotation per layer
+Also writes a slice-0 invariance table (max |logit difference| vs the HF model) on the tiny random models.
 """
 
 from __future__ import annotations
@@ -10,7 +22,10 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -22,7 +37,7 @@ from toolchain.evaluate import perplexity
 from toolchain.model import count_parameters
 from toolchain.sources import load_hf_model, resolve_model
 
-# name -> (keep_tie, SliceOptions kwargs); "dense" is the unsliced canonical model
+# name -> (keep_tie, SliceOptions kwargs; "target_ratio" is a fraction of the dense tied total); None: dense
 RECIPES = {
     "dense": (True, None),
     "reference 0.10": (False, dict(slice=0.10)),
@@ -37,16 +52,46 @@ RECIPES = {
     "tied 0.30": (True, dict(slice=0.30)),
     "tied-project 0.25": (True, dict(slice=0.25, tie="project")),
 }
+UNIFORM_FIRST = dict(budget="uniform", tie_basis="first")
+# family -> (keep_tie, options, target ratios); single-point families were cut to fit the machine's time
+FAMILIES = {
+    "reference": (False, dict(budget="uniform"), (0.95, 0.9, 0.8, 0.7, 0.6)),
+    "tied": (True, UNIFORM_FIRST, (0.9, 0.8, 0.7)),
+    "tied+joint": (True, dict(budget="uniform", tie_basis="joint"), (0.9, 0.8, 0.7)),
+    "tied+share-layer": (True, dict(UNIFORM_FIRST, share="layer"), (0.9, 0.8, 0.7)),
+    "tied+share-all": (True, dict(UNIFORM_FIRST, share="all"), (0.8,)),
+    "project+share-layer": (True, dict(budget="uniform", tie="project", share="layer"), (0.8,)),
+    "tied+budget": (True, dict(budget="variance", tie_basis="first"), (0.8,)),
+    "all": (True, dict(budget="variance", tie_basis="joint", share="layer"), (0.9, 0.8, 0.7, 0.6)),
+}
+for _family, (_keep, _options, _ratios) in FAMILIES.items():
+    for _ratio in _ratios:
+        RECIPES[f"{_family} {_ratio:.0%}"] = (_keep, dict(_options, target_ratio=_ratio))
+TARGETS = (0.9, 0.8, 0.7)  # issue 12: at 10/20/30 % fewer total parameters ...
+WANTED_REDUCTION = 0.30  # ... perplexity at least 30 % lower than the reference at the same size
+
+
+def slice_options(kwargs: dict, source_params: int) -> SliceOptions:
+    kwargs = dict(kwargs)
+    if "target_ratio" in kwargs:
+        kwargs["target_params"] = int(kwargs.pop("target_ratio") * source_params)
+    return SliceOptions(**kwargs)
+
+
+def family_of(name: str) -> str:
+    return name.rsplit(" ", 1)[0] if name != "dense" else "dense"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--nsamples", type=int, default=32)
+    parser.add_argument("--nsamples", type=int, default=16)
     parser.add_argument("--seqlen", type=int, default=256)
     parser.add_argument("--eval-seqlen", type=int, default=512)
-    parser.add_argument("--eval-windows", type=int, default=16)
-    parser.add_argument("--only", nargs="*", default=None)
+    parser.add_argument("--eval-windows", type=int, default=8)
+    parser.add_argument("--only", nargs="*", default=None, help="recipe names or family names")
+    parser.add_argument("--skip-invariance", action="store_true")
     args = parser.parse_args()
+    protocol = {k: getattr(args, k) for k in ("nsamples", "seqlen", "eval_seqlen", "eval_windows")}
 
     hf, tokenizer = load_hf_model(resolve_model("smollm2-135m"))
     source_params = count_parameters(hf).total
@@ -54,30 +99,128 @@ def main() -> None:
     calib = token_windows(tokenizer, load_text("ptb", "train"), args.nsamples, args.seqlen, seed=0)
     test = eval_windows(tokenizer, load_text("ptb", "test"), args.eval_seqlen, max_windows=args.eval_windows)
     previous = RESULTS / "smollm2_quality.json"
-    rows = {r["name"]: r for r in json.loads(previous.read_text())["rows"]} if previous.exists() else {}
+    old = json.loads(previous.read_text()) if previous.exists() else {}
+    rows = {r["name"]: r for r in old.get("rows", []) if r.get("protocol") == protocol}
     for name, (keep_tie, kwargs) in RECIPES.items():
-        if args.only and name not in args.only:
+        if args.only and name not in args.only and family_of(name) not in args.only:
             continue
         start = time.perf_counter()
         model = copy.deepcopy(canonical[keep_tie])
         if kwargs is not None:
-            slice_model(model, calib.input_ids, calib.attention_mask, SliceOptions(**kwargs))
+            slice_model(model, calib.input_ids, calib.attention_mask, slice_options(kwargs, source_params))
         params = count_parameters(model)
         result = perplexity(model, tokenizer, test, seqlen=args.eval_seqlen)
         rows[name] = {"name": name, "ppl": round(result["ppl"], 3), "parameters": params.total,
-                      "shortcuts": params.shortcuts, "kept_vs_source": round(params.total / source_params, 4),
-                      "options": kwargs, "keep_tie": keep_tie, "seconds": round(time.perf_counter() - start, 1)}
-        print(rows[name], flush=True)
+                      "shortcuts": params.shortcuts, "embeddings": params.embeddings, "lm_head": params.lm_head,
+                      "kept_vs_source": round(params.total / source_params, 4), "options": kwargs,
+                      "keep_tie": keep_tie, "widths": model.config.residual_widths, "protocol": protocol,
+                      "seconds": round(time.perf_counter() - start, 1)}
+        print({k: v for k, v in rows[name].items() if k != "widths"}, flush=True)
+    # re-read: another batch (--only) may have finished meanwhile
+    latest = json.loads(previous.read_text()) if previous.exists() else {}
+    merged = {r["name"]: r for r in latest.get("rows", []) if r.get("protocol") == protocol} | rows
+    invariance = old.get("invariance") if args.skip_invariance else invariance_table()
     payload = {"benchmark": "smollm2_quality", "machine": machine_info(), "source_parameters": source_params,
                "calibration": calib.protocol | {"text": "ptb train"}, "evaluation": test.protocol | {"text": "ptb test"},
-               "rows": sorted(rows.values(), key=lambda r: -r["parameters"])}
-    lines = ["| recipe | total params | vs dense | shortcuts | PTB ppl |", "|---|---|---|---|---|"]
+               "protocol": protocol, "rows": sorted(merged.values(), key=lambda r: -r["parameters"]),
+               "invariance": latest.get("invariance") if args.skip_invariance else invariance,
+               "other_protocol_rows": [r for r in latest.get("rows", []) + latest.get("other_protocol_rows", [])
+                                       if r.get("protocol") != protocol and r["name"] not in merged]}
+    payload["targets"] = target_check(payload)
+    write_results("smollm2_quality", payload, markdown(payload))
+    plot(payload)
+    print(markdown(payload))
+
+
+# ---- targets: compare at the same total size, on the reference curve interpolated in log-ppl ----
+
+def reference_ppl_at(rows: list[dict], params: int) -> float | None:
+    curve = sorted((r["parameters"], math.log(r["ppl"])) for r in rows if family_of(r["name"]) == "reference")
+    for (p0, l0), (p1, l1) in zip(curve, curve[1:]):
+        if p0 <= params <= p1:
+            return math.exp(l0 + (l1 - l0) * (params - p0) / (p1 - p0))
+    return None  # outside the measured reference range: no claim
+
+
+def target_check(payload: dict) -> list[dict]:
+    checks = []
+    for row in payload["rows"]:
+        ratio = (row.get("options") or {}).get("target_ratio")
+        if ratio not in TARGETS or family_of(row["name"]) == "reference":
+            continue
+        reference = reference_ppl_at(payload["rows"], row["parameters"])
+        reduction = None if reference is None else 1.0 - row["ppl"] / reference
+        checks.append({"recipe": row["name"], "target_ratio": ratio, "parameters": row["parameters"],
+                       "kept_vs_source": row["kept_vs_source"], "ppl": row["ppl"],
+                       "reference_ppl_same_size": None if reference is None else round(reference, 3),
+                       "reduction": None if reduction is None else round(reduction, 4),
+                       "met": reduction is not None and reduction >= WANTED_REDUCTION})
+    return checks
+
+
+# ---- slice-0 invariance of every new mode on the tiny random-weight models ----
+
+INVARIANCE_MODES = {
+    "tie-basis joint": dict(tie_basis="joint"),
+    "share layer": dict(share="layer"),
+    "share all": dict(share="all"),
+    "share all + head": dict(share="all", slice_head=True),
+    "budget global (+share layer)": dict(target_params=10**9, budget="global", share="layer"),
+    "budget variance": dict(target_params=10**9, budget="variance"),
+}
+
+
+def invariance_table() -> dict:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from tiny_models import ARCHS, VOCAB, batch_with_left_padding, tiny_hf_model
+
+    gen = torch.Generator().manual_seed(3)
+    cal_ids = torch.randint(3, VOCAB, (16, 24), generator=gen)
+    ids, mask, pos = batch_with_left_padding()
+    table = {}
+    for arch in ARCHS:
+        hf = tiny_hf_model(arch)
+        dense = to_canonical(hf)
+        with torch.no_grad():
+            reference = hf(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+        table[arch] = {}
+        for mode, options in INVARIANCE_MODES.items():
+            applies = not (mode.startswith("tie") and not dense.config.tie_word_embeddings) and \
+                not (mode == "share layer" and dense.config.parallel_block)
+            if not applies:
+                table[arch][mode] = None
+                continue
+            model = slice_model(copy.deepcopy(dense), cal_ids, torch.ones_like(cal_ids), SliceOptions(slice=0.0, **options))
+            with torch.no_grad():
+                logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+            table[arch][mode] = float((logits - reference)[mask.bool()].abs().max())
+    return {"dtype": "float32", "metric": "max |logits - HF logits| at slice 0 (n/a: mode does not apply)",
+            "table": table}
+
+
+# ---- reports ----
+
+def markdown(payload: dict) -> str:
+    lines = ["| recipe | total params | vs dense (tied) | shortcuts | PTB ppl |", "|---|---|---|---|---|"]
     for row in payload["rows"]:
         lines.append(f"| {row['name']} | {row['parameters'] / 1e6:.2f}M | {row['kept_vs_source']:.1%} | "
                      f"{row['shortcuts'] / 1e6:.2f}M | {row['ppl']:.2f} |")
-    write_results("smollm2_quality", payload, "\n".join(lines) + "\n")
-    plot(payload)
-    print("\n".join(lines))
+    if payload.get("targets"):
+        lines += ["", "Targets: perplexity vs reference SliceGPT at the same total size (interpolated, log-ppl)", "",
+                  "| recipe | vs dense | ppl | reference ppl | reduction | ≥30 % |", "|---|---|---|---|---|---|"]
+        for check in payload["targets"]:
+            ref = "n/a" if check["reference_ppl_same_size"] is None else f"{check['reference_ppl_same_size']:.2f}"
+            red = "n/a" if check["reduction"] is None else f"{check['reduction']:.1%}"
+            lines.append(f"| {check['recipe']} | {check['kept_vs_source']:.1%} | {check['ppl']:.2f} | {ref} | {red} | "
+                         f"{'yes' if check['met'] else 'no'} |")
+    if payload.get("invariance"):
+        table = payload["invariance"]["table"]
+        modes = list(next(iter(table.values())))
+        lines += ["", f"Slice-0 invariance ({payload['invariance']['metric']}, float32)", "",
+                  "| arch | " + " | ".join(modes) + " |", "|---" * (len(modes) + 1) + "|"]
+        for arch, cells in table.items():
+            lines.append(f"| {arch} | " + " | ".join("n/a" if v is None else f"{v:.1e}" for v in cells.values()) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def plot(payload: dict) -> None:
@@ -86,20 +229,19 @@ def plot(payload: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 5))
     families: dict[str, list] = {}
     for row in payload["rows"]:
-        family = row["name"].rsplit(" ", 1)[0] if row["name"] != "dense" else "dense"
-        families.setdefault(family, []).append(row)
+        families.setdefault(family_of(row["name"]), []).append(row)
     for family, rows in families.items():
         rows.sort(key=lambda r: r["parameters"])
         ax.plot([r["parameters"] / 1e6 for r in rows], [r["ppl"] for r in rows], "o-", label=family)
-    ax.axvline(payload["source_parameters"] / 1e6, color="grey", linestyle=":", label="dense size")
-    ax.set_xlabel("total parameters (M, shortcuts and embeddings included)")
+    ax.axvline(payload["source_parameters"] / 1e6, color="grey", linestyle=":", label="dense size (tied)")
+    ax.set_xlabel("total parameters (M, shortcuts, embeddings and head included)")
     ax.set_ylabel("PTB test perplexity")
     ax.set_yscale("log")
     ax.set_title("SmolLM2-135M: perplexity vs size")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(RESULTS / "smollm2_quality.png", dpi=120)
 

@@ -32,7 +32,7 @@ class CompressOptions:
     share: str = "none"  # none | layer | all: positions sharing one rotation (no shortcut between them)
     target_params: int | None = None  # total parameters to keep; widths picked to fit (overrides --slice)
     target_ratio: float | None = None  # the same, as a fraction of the source's tied total
-    budget: str = "global"  # how a target is met: uniform | variance | global (PCA spectra)
+    budget: str = "variance"  # how a target is met: uniform | variance | global (PCA spectra)
     allow_larger: bool = False  # write the result even when it is not smaller than the input
     calib: str = "ptb"
     nsamples: int = 32

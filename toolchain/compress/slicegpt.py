@@ -44,7 +44,7 @@ class SliceOptions:
     tie_basis: str = "joint"  # sliced tied table: Q_0 from first stream + head input, or "first" only
     share: str = "none"  # none | layer | all: positions that share one rotation (no shortcut between)
     target_params: int | None = None  # total parameters to fit; overrides `slice`
-    budget: str = "global"  # with target_params: uniform | variance | global
+    budget: str = "variance"  # with target_params: uniform | variance | global (see budget.py)
     round_to: int = 8
     damping: float = 0.01  # × mean of the covariance diagonal
     seed: int = 0
@@ -353,7 +353,7 @@ def slice_model(model: SlicedForCausalLM, input_ids: torch.Tensor, attention_mas
     config.compression = {
         "method": "slicegpt", "slice": options.slice, "rotation": options.rotation, "slice_head": options.slice_head,
         "tie": options.tie if config.tie_word_embeddings else "untied",
-        "tie_basis": options.tie_basis if joint_tie(model, options) or options.tie_basis == "first" else None,
+        "tie_basis": options.tie_basis if config.tie_word_embeddings and not config.embed_projection else None,
         "share": options.share, "target_params": options.target_params,
         "budget": options.budget if options.target_params is not None else None,
         "damping": options.damping, "widths": widths, "calibration_windows": int(len(input_ids)),

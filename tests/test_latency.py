@@ -1,0 +1,184 @@
+"""Latency harness on a tiny sliced Llama: well-formed ordered percentiles, the ideal-vs-measured
+comparison, a stable bench JSON (also readable by the planner's calibration), plots, and the
+`toolchain bench` errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from runtime import latency, roofline
+from runtime.latency import BenchConfig, bench_build, measure_session, model_cost
+from runtime.sessions import TorchSession
+from tiny_models import VOCAB, save_tiny_checkpoint, tiny_hf_model
+from toolchain.adapters import to_canonical
+from toolchain.cli import app
+from toolchain.compress.slicegpt import SliceOptions, slice_model
+from toolchain.errors import ArtifactError, InvalidOptionError
+
+SMALL = dict(prompts="8,16", batches="1,2", steps=4, warmup=1, repeats=2, context=8)
+
+
+def sliced_tiny(source: str | None = None, fraction: float = 0.3):
+    model = to_canonical(tiny_hf_model("llama"), source_model=source).eval()
+    calib = torch.randint(3, VOCAB, (8, 16), generator=torch.Generator().manual_seed(0))
+    return slice_model(model, calib, torch.ones_like(calib), SliceOptions(slice=fraction))
+
+
+@pytest.fixture(scope="module")
+def build(tmp_path_factory) -> Path:
+    """A build dir as `toolchain build` lays it out: sliced/ (+ compression report naming the source
+    checkpoint) and onnx/."""
+    from exporters import ExportOptions, export_onnx
+
+    root = tmp_path_factory.mktemp("latency")
+    source = save_tiny_checkpoint("llama", root / "source")
+    build = root / "build"
+    model = sliced_tiny(str(source))
+    model.save_pretrained(build / "sliced")
+    (build / "sliced" / "compression_report.json").write_text(json.dumps({"options": {"model": str(source),
+                                                                                      "tie": "slice"}}))
+    # torchscript: seconds instead of tens of seconds; bench mirrors it for the dense export
+    export_onnx(model, build / "onnx", ExportOptions(dtype="fp32", exporter="torchscript"))
+    return build
+
+
+@pytest.fixture(scope="module")
+def report(build, tmp_path_factory) -> latency.BenchResult:
+    calls = []
+    result = bench_build(build, build / "reports" / "latency", progress=lambda d, t: calls.append((d, t)), **SMALL)
+    result.calls = calls
+    return result
+
+
+def test_percentiles_are_ordered_and_positive():
+    session = TorchSession(sliced_tiny())
+    config = BenchConfig(prompts=(4, 12), batches=(1, 3), steps=20, warmup=2, repeats=3, context=6)
+    results = measure_session(session, config, variant="sliced", max_positions=128)
+    assert [(r["phase"], r["batch"], r["tokens"]) for r in results] == [
+        ("prefill", 1, 4), ("prefill", 1, 12), ("decode", 1, 20), ("decode", 3, 20)]
+    for r in results:
+        assert set(r) == set(latency.RESULT_KEYS)
+        assert 0 < r["min_ms"] <= r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"] <= r["max_ms"]
+        assert r["tokens_per_s"] > 0 and r["peak_memory_mb"] > 0
+    decode = results[2]
+    assert decode["samples"] == 20 and decode["context"] == 6 + 2  # cache length at the first timed step
+    assert decode["measured_ms"] == pytest.approx(decode["mean_ms"] * 20)
+    assert decode["tokens_per_s"] == pytest.approx(1e3 / decode["mean_ms"])
+    assert results[3]["tokens_per_s"] == pytest.approx(3e3 / results[3]["mean_ms"])
+
+
+def test_prompts_capped_by_model_and_max_prompt():
+    config = BenchConfig(prompts=(128, 512, 2048), max_prompt=300)
+    assert config.prompt_lengths(4096) == [128, 300]
+    assert config.prompt_lengths(128) == [128]
+    assert BenchConfig(context=128, steps=20, warmup=3).decode_context(100) == 77
+    with pytest.raises(InvalidOptionError, match="--steps"):
+        BenchConfig(steps=200).decode_context(128)
+
+
+def test_cost_counts_shortcuts_and_the_tied_head():
+    dense = to_canonical(tiny_hf_model("llama")).eval()
+    sliced = sliced_tiny()
+    d, s = model_cost(dense), model_cost(sliced)
+    # hand count, tiny llama: D=64, d=int(0.7*64)//8*8=40, I=96, 4 heads x 16, 2 kv heads, V=128, 2 layers, tied
+    attn = lambda w: w * (64 + 32 + 32) + 64 * w  # noqa: E731  q,k,v read w; o writes w
+    mlp = lambda w: 3 * 96 * w  # noqa: E731
+    assert d.shortcut_params == 0
+    assert s.shortcut_params == 3 * 40 * 40 + 40 * 64  # 4 positions: d×d except the last, d×D
+    assert s.matmul_params == 2 * (attn(40) + mlp(40)) - 96 * 40 + 96 * 64 \
+        + s.shortcut_params + 40 * 64 + 128 * 40  # last down_proj writes D; head_proj d×D; tied head V×d
+    assert s.read_params == s.params  # the tied table is streamed whole as the head
+    assert s.kv_elements_per_token == d.kv_elements_per_token == 2 * 2 * (16 + 16)
+    assert s.params < d.params
+
+
+def test_comparison_puts_ideal_next_to_measured():
+    base = dict(dtype="fp32", batch=1, context=8, tokens=4, phase="decode", backend="ort-cpu")
+    results = [dict(base, variant="dense", p50_ms=10.0, measured_ms=40.0),
+               dict(base, variant="sliced", p50_ms=12.0, measured_ms=48.0)]
+    costs = {"dense": model_cost(to_canonical(tiny_hf_model("llama"))), "sliced": model_cost(sliced_tiny())}
+    (row,) = latency.compare(results, costs)
+    assert set(row) == set(latency.COMPARISON_KEYS)
+    assert row["latency_ratio"] == pytest.approx(1.2) and row["speedup"] == pytest.approx(1 / 1.2)
+    assert row["ideal_ratio"] < 1 and row["gap_pct"] > 20
+    assert row["verdict"] == "SLOWER than dense"  # a slower slice can never hide
+
+
+def test_bench_build_json_schema_is_stable(report, build):
+    data = json.loads(report.json_path.read_text())
+    assert list(data) == list(latency.TOP_KEYS)
+    assert data["schema"] == "toolchain.latency/1" and data["provider"] == "cpu"
+    assert {"cpu", "cpu_count", "torch_threads", "load_average"} <= set(data["machine"])
+    assert {"torch", "onnxruntime", "python"} <= set(data["versions"])
+    assert {(r["backend"], r["variant"]) for r in data["results"]} == {
+        ("torch-cpu", "sliced"), ("ort-cpu", "sliced"), ("torch-cpu", "dense"), ("ort-cpu", "dense")}
+    for r in data["results"]:
+        assert list(r) == list(latency.RESULT_KEYS)
+        assert r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"]
+        assert set(r["model"]) == {"params", "weight_bytes", "kv_bytes_per_token", "flops_per_token"}
+    phases = [(r["phase"], r["batch"], r["tokens"]) for r in data["results"][:4]]
+    assert phases == [("prefill", 1, 8), ("prefill", 1, 16), ("decode", 1, 4), ("decode", 2, 4)]
+    assert set(data["models"]) == {"dense", "sliced"}
+    assert data["models"]["sliced"]["params"] < data["models"]["dense"]["params"]
+    # every sliced measurement is compared with the dense one on the same backend
+    assert len(data["comparisons"]) == 8
+    for row in data["comparisons"]:
+        assert list(row) == list(latency.COMPARISON_KEYS)
+        assert 0 < row["ideal_ratio"] < 1 and row["latency_ratio"] > 0
+    assert report.calls[-1] == (16, 16) and report.calls[0] == (0, 16)
+    markdown = report.markdown_path.read_text()
+    assert "Ideal vs measured" in markdown and "| ort-cpu | sliced | decode |" in markdown
+
+
+def test_bench_json_feeds_the_planner_calibration(report):
+    data = json.loads(report.json_path.read_text())
+    data["gpu"] = "a100-80gb"  # as a GPU run records it; the CPU run says null
+    efficiency = roofline.fit_efficiency(data)
+    assert efficiency.prefill_samples == 8 and efficiency.decode_samples == 8
+    assert efficiency.compute > 0 and efficiency.bandwidth > 0
+
+
+def test_plots_are_written(report):
+    for name in ("prefill_latency.png", "decode_throughput.png", "ideal_vs_measured.png"):
+        path = report.json_path.parent / name
+        assert path.is_file() and path.stat().st_size > 1000
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_refuses_build_without_onnx(build, tmp_path):
+    partial = tmp_path / "partial"
+    shutil.copytree(build / "sliced", partial / "sliced")
+    with pytest.raises(ArtifactError, match=r"toolchain build --target onnx.*--torch-only"):
+        bench_build(partial, tmp_path / "out")
+    result = CliRunner().invoke(app, ["bench", str(partial)])
+    assert result.exit_code == 2
+    assert "has no onnx/ export" in result.output and "Traceback" not in result.output
+
+
+def test_bench_cli_errors_are_one_line(build, tmp_path):
+    runner = CliRunner()
+    not_build = runner.invoke(app, ["bench", str(tmp_path)])
+    assert not_build.exit_code == 2 and "is not a build dir" in not_build.output
+    provider = runner.invoke(app, ["bench", str(build), "--provider", "tpu"])
+    assert provider.exit_code == 2 and "unknown provider 'tpu'" in provider.output
+    prompts = runner.invoke(app, ["bench", str(build), "--prompts", "128,abc"])
+    assert prompts.exit_code == 2 and "--prompts must be comma-separated integers" in prompts.output
+
+
+def test_bench_cli_torch_only_writes_report(build, tmp_path):
+    out = tmp_path / "torch-only"
+    result = CliRunner().invoke(app, ["bench", str(build), "--torch-only", "--no-dense", "--prompts", "8",
+                                      "--batches", "1", "--steps", "3", "--warmup", "0", "--repeats", "1",
+                                      "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "latency.json").read_text())
+    assert {r["backend"] for r in data["results"]} == {"torch-cpu"}
+    assert data["skipped"][0]["variant"] == "dense" and data["comparisons"] == []
+    assert np.isfinite([r["p99_ms"] for r in data["results"]]).all()

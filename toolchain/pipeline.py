@@ -133,7 +133,8 @@ def run_validate(build: Path, options: BuildOptions, progress=None) -> None:
 def run_bench(build: Path, options: BuildOptions, progress=None) -> None:
     from runtime.latency import bench_build
 
-    bench_build(build, build / "reports" / "latency", provider=options.provider)
+    # the build's own bench stays short (two prompt lengths); `toolchain bench` runs the full sweep
+    bench_build(build, build / "reports" / "latency", provider=options.provider, prompts="128,512")
 
 
 def run_eval(build: Path, options: BuildOptions, progress=None) -> None:

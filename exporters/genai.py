@@ -123,7 +123,7 @@ def write_genai_config(onnx_dir: str | Path, *, tokenizer=None, model_type: str 
     context = int(model_config.get("max_position_embeddings") or 0) or int(max_length or 0) or 2048
     max_length = int(max_length or context)
     vocab = int(export_config.get("vocab_size") or model_config["vocab_size"])
-    eos = _eos_ids(generation, model_config)
+    eos = _eos_ids(generation, model_config, onnx_dir if tokenizer_files else None)
     bos = _first_int(generation.get("bos_token_id"), model_config.get("bos_token_id"), eos[0])
     pad = _first_int(generation.get("pad_token_id"), model_config.get("pad_token_id"), eos[0])
     widths = model_config.get("residual_widths") or [model_config.get("hidden_size")]
@@ -542,14 +542,21 @@ def _read_optional_json(path: Path) -> dict:
         return {}
 
 
-def _eos_ids(generation: dict, model_config: dict) -> list[int]:
+def _eos_ids(generation: dict, model_config: dict, tokenizer_dir: Path | None) -> list[int]:
+    """EOS ids from generation_config.json, else config.json, else the tokenizer's eos_token."""
     for value in (generation.get("eos_token_id"), model_config.get("eos_token_id")):
         ids = value if isinstance(value, list) else [value]
         ids = [int(t) for t in ids if isinstance(t, int) and not isinstance(t, bool)]
         if ids:
             return ids
-    raise ArtifactError("the model has no eos_token_id in config.json or generation_config.json; genai needs one "
-                        "to stop generating: add it to config.json")
+    if tokenizer_dir is not None:
+        from transformers import AutoTokenizer
+
+        eos = AutoTokenizer.from_pretrained(str(tokenizer_dir)).eos_token_id
+        if isinstance(eos, int):
+            return [eos]
+    raise ArtifactError("the model has no eos_token_id (config.json, generation_config.json or the tokenizer); "
+                        "onnxruntime-genai needs one to stop generating: add eos_token_id to config.json")
 
 
 def _first_int(*values) -> int:

@@ -110,11 +110,65 @@ def run_variant(shape: str, fraction: float, args, config: BenchConfig, tick) ->
     return results, cost.as_dict(), timings
 
 
+def run_ab(shape: str, fraction: float, args, config: BenchConfig) -> dict:
+    """Dense and sliced models decoding in alternating steps (latency.interleaved_decode) on each
+    backend, so the ratio is not at the mercy of what the machine's other tenants did in between."""
+    from exporters.onnx import ExportOptions, export_onnx
+
+    rows, costs = [], {}
+    if "torch" in args.backends:  # both torch models resident (~6 GB for 1b)
+        models = {"dense": make_model(shape, 0.0, args.calib_windows, args.calib_len),
+                  "sliced": make_model(shape, fraction, args.calib_windows, args.calib_len, args.calibrate)}
+        costs = {name: model_cost(model) for name, model in models.items()}
+        sessions = {name: TorchSession(model, name="torch-cpu") for name, model in models.items()}
+        rows += _ab_rows(sessions, costs, "torch-cpu", config)
+        del models, sessions
+        gc.collect()
+    if "ort" in args.backends:
+        paths = {}
+        with tempfile.TemporaryDirectory(prefix="latency-suite-ab-", dir=args.scratch) as scratch:
+            for name, f in (("dense", 0.0), ("sliced", fraction)):  # one torch model in memory at a time
+                model = make_model(shape, f, args.calib_windows, args.calib_len, args.calibrate)
+                costs[name] = model_cost(model)
+                paths[name] = Path(scratch) / name
+                export_onnx(model, paths[name], ExportOptions(dtype="fp32", exporter=args.exporter,
+                                                              optimize=args.optimize))
+                del model
+                gc.collect()
+            sessions = {name: OrtSession(path, "cpu", threads=args.threads) for name, path in paths.items()}
+            rows += _ab_rows(sessions, costs, "ort-cpu", config)
+            del sessions
+    return {"shape": shape, "slice": fraction, "context": config.decode_context(None) + config.warmup,
+            "steps": config.steps, "sliced_by": "slice_model" if args.calibrate else "sliced_architecture",
+            "rows": rows}
+
+
+def _ab_rows(sessions: dict, costs: dict, backend: str, config: BenchConfig) -> list[dict]:
+    rows, context = [], config.decode_context(None)
+    weight_ratio = costs["sliced"].params / costs["dense"].params
+    for batch in config.batches:
+        times = latency.interleaved_decode(sessions, batch, context, config.warmup, config.steps)
+        dense, sliced = (latency.percentiles(times[n])["p50_ms"] for n in ("dense", "sliced"))
+        pairs = sorted(s / d for s, d in zip(times["sliced"], times["dense"]))
+        middle = context + config.warmup + config.steps // 2
+        ratio = sliced / dense
+        rows.append({"backend": backend, "batch": batch, "dense_p50_ms": dense, "sliced_p50_ms": sliced,
+                     "latency_ratio": ratio, "pair_ratio_median": float(pairs[len(pairs) // 2]),
+                     "weight_bytes_ratio": weight_ratio,
+                     "read_bytes_ratio": costs["sliced"].read_params / costs["dense"].read_params,
+                     "ideal_ratio": costs["sliced"].decode_bytes("fp32", batch, middle)
+                     / costs["dense"].decode_bytes("fp32", batch, middle),
+                     "gap_vs_weight_bytes_pct": (ratio / weight_ratio - 1) * 100, "load_average": latency._load()})
+        print(f"  A/B {backend} batch {batch}: sliced/dense {ratio:.3f} (weight bytes {weight_ratio:.3f})", flush=True)
+    return rows
+
+
 def target_summary(data: dict) -> dict | None:
     shape, fraction, backend = TARGET
     rows = [c for c in data["comparisons"] if c["model_label"] == shape and c["variant"] == variant_name(fraction)
             and c["backend"] == backend and c["phase"] == "decode"]
-    if not rows:
+    ab = data.get("ab", {}).get(shape)
+    if not rows and not ab:
         return None
     out = []
     for c in rows:
@@ -123,7 +177,7 @@ def target_summary(data: dict) -> dict | None:
                     "weight_bytes_ratio": c["weight_bytes_ratio"],
                     "read_bytes_ratio": c["read_bytes_ratio"], "gap_vs_weight_bytes_pct": gap,
                     "within_10pct": abs(gap) <= 10})
-    return {"shape": shape, "slice": fraction, "backend": backend, "rows": out}
+    return {"shape": shape, "slice": fraction, "backend": backend, "rows": out, "interleaved": ab}
 
 
 def render(data: dict) -> str:
@@ -139,12 +193,33 @@ def render(data: dict) -> str:
              f"{'on' if data['config'].get('export_optimize') else 'off (ORT fuses norms at session load)'}.", ""]
     target = data.get("target")
     if target:
-        lines += [f"**Target ({target['shape']} at {target['slice']}, {target['backend']} decode):** "]
+        lines += [f"**Target ({target['shape']} at {target['slice']}, {target['backend']} decode): sliced/dense "
+                  "p50 latency ratio vs weight-bytes ratio, within 10 %?**", ""]
+        ab = target.get("interleaved")
+        for row in [r for r in ab["rows"] if r["backend"] == target["backend"]] if ab else []:
+            lines.append(f"- interleaved A/B (dense and sliced steps alternating, {ab['steps']} each), batch "
+                         f"{row['batch']}: {row['latency_ratio']:.3f} (median per-step pair "
+                         f"{row['pair_ratio_median']:.3f}) vs {row['weight_bytes_ratio']:.3f} (streamed bytes "
+                         f"{row['read_bytes_ratio']:.3f}): {row['gap_vs_weight_bytes_pct']:+.1f} % — "
+                         f"{'within' if abs(row['gap_vs_weight_bytes_pct']) <= 10 else 'NOT within'} 10 %")
         for row in target["rows"]:
-            lines.append(f"- batch {row['batch']}: latency ratio {row['latency_ratio']:.3f} vs weight-bytes ratio "
-                         f"{row['weight_bytes_ratio']:.3f} (streamed-bytes ratio {row['read_bytes_ratio']:.3f}): "
-                         f"{row['gap_vs_weight_bytes_pct']:+.1f} % — "
+            lines.append(f"- separate runs (minutes apart), batch {row['batch']}: {row['latency_ratio']:.3f} vs "
+                         f"{row['weight_bytes_ratio']:.3f}: {row['gap_vs_weight_bytes_pct']:+.1f} % — "
                          f"{'within' if row['within_10pct'] else 'NOT within'} 10 %")
+        lines.append("")
+    if data.get("ab"):
+        lines += ["## Interleaved A/B: decode, dense and sliced steps alternating", "",
+                  "| shape | slice | backend | batch | dense p50 ms | sliced p50 ms | ratio | median pair ratio | "
+                  "weight bytes | streamed bytes + KV | gap vs weight bytes | load |",
+                  "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+        for shape, ab in data["ab"].items():
+            for row in ab["rows"]:
+                lines.append(f"| {shape} | {ab['slice']} | {row['backend']} | {row['batch']} | "
+                             f"{row['dense_p50_ms']:.1f} | "
+                             f"{row['sliced_p50_ms']:.1f} | {row['latency_ratio']:.3f} | "
+                             f"{row['pair_ratio_median']:.3f} | {row['weight_bytes_ratio']:.3f} | "
+                             f"{row['ideal_ratio']:.3f} | {row['gap_vs_weight_bytes_pct']:+.1f} % | "
+                             f"{row['load_average'][0]} |")
         lines.append("")
     lines += ["## Ideal vs measured (sliced / dense; < 1 is faster)", "",
               "| shape | variant | params | weight bytes | FLOPs/token | backend | decode b1 | decode b8 | "
@@ -226,6 +301,8 @@ def main() -> None:
     parser.add_argument("--calib-windows", type=int, default=4)
     parser.add_argument("--calib-len", type=int, default=32)
     parser.add_argument("--profile", action="store_true", help="ORT profile of decode, dense and 0.3, every shape")
+    parser.add_argument("--ab", action="store_true", help="also time dense and 0.3 ORT decode interleaved "
+                        "(both sessions loaded at once) for every shape")
     parser.add_argument("--profile-steps", type=int, default=10)
     parser.add_argument("--scratch", default=None, help="dir for the temporary ONNX exports")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -246,8 +323,11 @@ def main() -> None:
     config.validate()
 
     if args.worker:
-        shape, fraction, out = args.worker.split(":", 2)
+        kind, shape, fraction, out = args.worker.split(":", 3)
         with latency.torch_threads(args.threads):
+            if kind == "ab":
+                Path(out).write_text(json.dumps(run_ab(shape, float(fraction), args, config)))
+                return
             results, cost, timings = run_variant(shape, float(fraction), args, config, worker_tick)
         Path(out).write_text(json.dumps({"results": results, "cost": cost, "timings": timings}))
         return
@@ -255,7 +335,7 @@ def main() -> None:
     data = latency.new_report(None, "cpu", "fp32", config)
     data["config"].update(exporter=args.exporter, export_optimize=args.optimize, backends=sorted(args.backends))
     data.update(schema=SCHEMA, build="llama-shaped random weights", shapes={s: SHAPES[s] for s in shapes},
-                models={s: {} for s in shapes}, timings={}, profiles={}, target=None)
+                models={s: {} for s in shapes}, timings={}, profiles={}, ab={}, target=None)
     previous = args.out / f"{args.name}.json"
     if args.merge and previous.is_file():
         data = merge_previous(data, json.loads(previous.read_text()))
@@ -269,8 +349,8 @@ def main() -> None:
                 load = latency._load()
                 print(f"{shape} {variant} ({time.strftime('%H:%M:%S')}, load {latency._load()})", flush=True)
                 part = Path(parts) / f"{shape}-{variant}.json"
-                subprocess.run([sys.executable, __file__, *sys.argv[1:], "--worker", f"{shape}:{fraction}:{part}"],
-                               check=True)
+                subprocess.run([sys.executable, __file__, *sys.argv[1:], "--worker",
+                                f"variant:{shape}:{fraction}:{part}"], check=True)
                 done = json.loads(part.read_text())
                 results, cost, timings = done["results"], done["cost"], done["timings"]
                 profile = timings.pop("profile", None)
@@ -283,6 +363,14 @@ def main() -> None:
                 data["target"] = target_summary(data)
                 data["machine"]["load_average_end"] = latency._load()
                 write(data, args.out, args.name)
+            if args.ab and shape not in data.setdefault("ab", {}):
+                print(f"{shape} interleaved A/B at {TARGET[1]} ({time.strftime('%H:%M:%S')})", flush=True)
+                part = Path(parts) / f"{shape}-ab.json"
+                subprocess.run([sys.executable, __file__, *sys.argv[1:], "--worker",
+                                f"ab:{shape}:{TARGET[1]}:{part}"], check=True)
+                data["ab"][shape] = json.loads(part.read_text())
+                data["target"] = target_summary(data)
+                write(data, args.out, args.name)
     print(json.dumps(data["target"], indent=2))
     print(f"wrote {args.out / args.name}.json/.md/_*.png")
 
@@ -292,8 +380,8 @@ def merge_previous(data: dict, old: dict) -> dict:
     if old.get("schema") != SCHEMA or old.get("config") != json.loads(json.dumps(data["config"])):
         raise SystemExit(f"--merge: the existing results were made with other options ({old.get('config')}); "
                          "rerun them or use another --name")
-    for key in ("results", "timings", "profiles"):
-        data[key] = old[key]
+    for key in ("results", "timings", "profiles", "ab"):
+        data[key] = old.get(key, data[key])
     data["shapes"] = {**old["shapes"], **data["shapes"]}
     data["models"] = {**{s: {} for s in data["shapes"]}, **old["models"]}
     data["machine"]["load_average"] = old["machine"]["load_average"]

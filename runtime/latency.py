@@ -2,7 +2,8 @@
 of any Session, and `bench_build`, which measures a build's sliced model next to its dense source on
 every available backend and puts the ideal (bytes and FLOPs ratios) beside the measured speedup.
 
-Output files (one atomic dir): latency.json, latency.md, prefill_latency.png, decode_throughput.png.
+Output files (one atomic dir): latency.json, latency.md, prefill_latency.png, decode_throughput.png,
+ideal_vs_measured.png.
 The JSON's top level doubles as the bench schema of `runtime.roofline.fit_efficiency` (gpu, dtype,
 n_gpus, results[phase, measured_ms, batch, tokens, context, dtype, model]), so a GPU run can be fed to
 `toolchain plan --calibrate`.

@@ -22,7 +22,7 @@ from toolchain.cli import app
 from toolchain.compress.slicegpt import SliceOptions, slice_model
 from toolchain.errors import ArtifactError, InvalidOptionError
 
-SMALL = dict(prompts="8,16", batches="1,2", steps=4, warmup=1, repeats=2, context=8)
+SMALL = dict(prompts="8,16", batches="1,2", steps=4, warmup=1, repeats=2, context=8, threads=1)
 
 
 def sliced_tiny(source: str | None = None, fraction: float = 0.3):
@@ -176,7 +176,7 @@ def test_bench_cli_torch_only_writes_report(build, tmp_path):
     out = tmp_path / "torch-only"
     result = CliRunner().invoke(app, ["bench", str(build), "--torch-only", "--no-dense", "--prompts", "8",
                                       "--batches", "1", "--steps", "3", "--warmup", "0", "--repeats", "1",
-                                      "--out", str(out)])
+                                      "--threads", "1", "--out", str(out)])
     assert result.exit_code == 0, result.output
     data = json.loads((out / "latency.json").read_text())
     assert {r["backend"] for r in data["results"]} == {"torch-cpu"}

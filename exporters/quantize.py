@@ -39,6 +39,8 @@ import numpy as np
 import onnx
 
 from toolchain.errors import ArtifactError, InvalidOptionError
+
+from .genai import _export_dir
 from toolchain.fileio import atomic_dir, write_json
 
 from . import onnx_graph
@@ -309,16 +311,6 @@ def _agreement(reference: np.ndarray, candidate: np.ndarray) -> dict:
 # --- helpers ---------------------------------------------------------------------------------------
 
 
-def _export_dir(path: str | Path) -> Path:
-    path = Path(path).expanduser()
-    if path.is_file() and path.suffix == ".onnx":
-        path = path.parent
-    if not (path / "export_config.json").is_file() and (path / "onnx" / "export_config.json").is_file():
-        path = path / "onnx"
-    if not (path / "export_config.json").is_file():
-        raise ArtifactError(f"{path} is not an ONNX export (no export_config.json); export the model first "
-                            "(`toolchain export ... --out DIR`) or pass a build dir")
-    return path
 
 
 def _model_bytes(path: Path) -> int:

@@ -11,13 +11,6 @@ from toolchain.data import JOIN, eval_windows, load_documents, load_text, pad_ba
 from toolchain.errors import DataError, InvalidOptionError
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: a second thread only adds overhead, and the 2 cores are shared with other jobs.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def word_tokenizer(text: str) -> PreTrainedTokenizerFast:

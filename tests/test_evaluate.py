@@ -16,13 +16,6 @@ from toolchain.errors import BackendUnavailableError, DataError, InvalidOptionEr
 from toolchain.evaluate import perplexity, report_markdown, write_report, zero_shot
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: a second thread only adds overhead, and the 2 cores are shared with other jobs.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 TEXT = " ".join(f"w{(i * 7) % 50}" for i in range(400))

@@ -13,13 +13,6 @@ from toolchain.errors import ArtifactError, ModelNotFoundError, UnsafeWeightsErr
 from toolchain.sources import SHORT_NAMES, load_hf_model, resolve_model
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: a second thread only adds overhead, and the 2 cores are shared with other jobs.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny_llama(vocab=300, tie=False):

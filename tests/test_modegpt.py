@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import toolchain  # noqa: F401  (registers the Auto classes)
-from tiny_models import ARCHS, VOCAB, batch_with_left_padding, tiny_hf_model
+from tiny_models import ARCHS, VOCAB, batch_with_left_padding, logits, masked_max_diff, tiny_hf_model
 from toolchain.adapters import to_canonical
 from toolchain.compress import modegpt as mg
 from toolchain.compress.slicegpt import SliceOptions
@@ -24,14 +24,6 @@ def calibration(n=12, seq=24, seed=3):
     mask[::4, :5] = 0
     return ids, mask
 
-
-def logits(model, ids, mask, pos):
-    with torch.no_grad():
-        return model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
-
-
-def masked_max_diff(a, b, mask):
-    return (a - b)[mask.bool()].abs().max().item()
 
 
 def attention_input_correlation(model, layer=0):

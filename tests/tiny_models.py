@@ -57,6 +57,16 @@ def tiny_hf_model(arch: str, seed: int = 0, dtype=torch.float32):
     return model
 
 
+def logits(model, ids, mask, pos):
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+
+
+def masked_max_diff(a, b, mask):
+    """Largest logit difference over the non-padded positions."""
+    return (a - b)[mask.bool()].abs().max().item()
+
+
 def batch_with_left_padding(batch: int = 2, seq: int = 12, pad: int = 3, seed: int = 1):
     """input_ids, attention_mask (row 1 left-padded by `pad`), position_ids as generate() makes them."""
     gen = torch.Generator().manual_seed(seed)

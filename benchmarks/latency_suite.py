@@ -110,24 +110,26 @@ def run_variant(shape: str, fraction: float, args, config: BenchConfig, tick) ->
     return results, cost.as_dict(), timings
 
 
-def run_ab(shape: str, fraction: float, args, config: BenchConfig) -> dict:
+def run_ab(shape: str, fractions: list[float], args, config: BenchConfig) -> dict:
     """Dense and sliced models decoding in alternating steps (latency.interleaved_decode) on each
-    backend, so the ratio is not at the mercy of what the machine's other tenants did in between."""
+    backend, so the ratios are not at the mercy of what the machine's other tenants did in between.
+    All models are resident at once: mind the memory for the 1b shape (~3 GB per fp32 model)."""
     from exporters.onnx import ExportOptions, export_onnx
 
+    variants = {"dense": 0.0, **{variant_name(f): f for f in fractions}}
     rows, costs = [], {}
-    if "torch" in args.backends:  # both torch models resident (~6 GB for 1b)
-        models = {"dense": make_model(shape, 0.0, args.calib_windows, args.calib_len),
-                  "sliced": make_model(shape, fraction, args.calib_windows, args.calib_len, args.calibrate)}
+    if "torch" in args.backends:
+        models = {name: make_model(shape, f, args.calib_windows, args.calib_len, args.calibrate)
+                  for name, f in variants.items()}
         costs = {name: model_cost(model) for name, model in models.items()}
         sessions = {name: TorchSession(model, name="torch-cpu") for name, model in models.items()}
-        rows += _ab_rows(sessions, costs, "torch-cpu", config)
+        rows += _ab_rows(sessions, costs, variants, "torch-cpu", config)
         del models, sessions
         gc.collect()
     if "ort" in args.backends:
         paths = {}
         with tempfile.TemporaryDirectory(prefix="latency-suite-ab-", dir=args.scratch) as scratch:
-            for name, f in (("dense", 0.0), ("sliced", fraction)):  # one torch model in memory at a time
+            for name, f in variants.items():  # one torch model in memory at a time
                 model = make_model(shape, f, args.calib_windows, args.calib_len, args.calibrate)
                 costs[name] = model_cost(model)
                 paths[name] = Path(scratch) / name
@@ -136,30 +138,35 @@ def run_ab(shape: str, fraction: float, args, config: BenchConfig) -> dict:
                 del model
                 gc.collect()
             sessions = {name: OrtSession(path, "cpu", threads=args.threads) for name, path in paths.items()}
-            rows += _ab_rows(sessions, costs, "ort-cpu", config)
+            rows += _ab_rows(sessions, costs, variants, "ort-cpu", config)
             del sessions
-    return {"shape": shape, "slice": fraction, "context": config.decode_context(None) + config.warmup,
+    return {"shape": shape, "slices": list(fractions), "context": config.decode_context(None) + config.warmup,
             "steps": config.steps, "sliced_by": "slice_model" if args.calibrate else "sliced_architecture",
             "rows": rows}
 
 
-def _ab_rows(sessions: dict, costs: dict, backend: str, config: BenchConfig) -> list[dict]:
+def _ab_rows(sessions: dict, costs: dict, variants: dict, backend: str, config: BenchConfig) -> list[dict]:
     rows, context = [], config.decode_context(None)
-    weight_ratio = costs["sliced"].params / costs["dense"].params
+    middle = context + config.warmup + config.steps // 2
     for batch in config.batches:
         times = latency.interleaved_decode(sessions, batch, context, config.warmup, config.steps)
-        dense, sliced = (latency.percentiles(times[n])["p50_ms"] for n in ("dense", "sliced"))
-        pairs = sorted(s / d for s, d in zip(times["sliced"], times["dense"]))
-        middle = context + config.warmup + config.steps // 2
-        ratio = sliced / dense
-        rows.append({"backend": backend, "batch": batch, "dense_p50_ms": dense, "sliced_p50_ms": sliced,
-                     "latency_ratio": ratio, "pair_ratio_median": float(pairs[len(pairs) // 2]),
-                     "weight_bytes_ratio": weight_ratio,
-                     "read_bytes_ratio": costs["sliced"].read_params / costs["dense"].read_params,
-                     "ideal_ratio": costs["sliced"].decode_bytes("fp32", batch, middle)
-                     / costs["dense"].decode_bytes("fp32", batch, middle),
-                     "gap_vs_weight_bytes_pct": (ratio / weight_ratio - 1) * 100, "load_average": latency._load()})
-        print(f"  A/B {backend} batch {batch}: sliced/dense {ratio:.3f} (weight bytes {weight_ratio:.3f})", flush=True)
+        dense = latency.percentiles(times["dense"])["p50_ms"]
+        for name, fraction in variants.items():
+            if name == "dense":
+                continue
+            sliced = latency.percentiles(times[name])["p50_ms"]
+            pairs = sorted(s / d for s, d in zip(times[name], times["dense"]))
+            ratio, weight_ratio = sliced / dense, costs[name].params / costs["dense"].params
+            rows.append({"backend": backend, "slice": fraction, "batch": batch, "dense_p50_ms": dense,
+                         "sliced_p50_ms": sliced, "latency_ratio": ratio,
+                         "pair_ratio_median": float(pairs[len(pairs) // 2]), "weight_bytes_ratio": weight_ratio,
+                         "read_bytes_ratio": costs[name].read_params / costs["dense"].read_params,
+                         "ideal_ratio": costs[name].decode_bytes("fp32", batch, middle)
+                         / costs["dense"].decode_bytes("fp32", batch, middle),
+                         "gap_vs_weight_bytes_pct": (ratio / weight_ratio - 1) * 100,
+                         "load_average": latency._load()})
+            print(f"  A/B {backend} {name} batch {batch}: sliced/dense {ratio:.3f} (weight bytes "
+                  f"{weight_ratio:.3f})", flush=True)
     return rows
 
 
@@ -196,7 +203,8 @@ def render(data: dict) -> str:
         lines += [f"**Target ({target['shape']} at {target['slice']}, {target['backend']} decode): sliced/dense "
                   "p50 latency ratio vs weight-bytes ratio, within 10 %?**", ""]
         ab = target.get("interleaved")
-        for row in [r for r in ab["rows"] if r["backend"] == target["backend"]] if ab else []:
+        for row in [r for r in ab["rows"] if r["backend"] == target["backend"] and r["slice"] == target["slice"]
+                    ] if ab else []:
             lines.append(f"- interleaved A/B (dense and sliced steps alternating, {ab['steps']} each), batch "
                          f"{row['batch']}: {row['latency_ratio']:.3f} (median per-step pair "
                          f"{row['pair_ratio_median']:.3f}) vs {row['weight_bytes_ratio']:.3f} (streamed bytes "
@@ -214,7 +222,7 @@ def render(data: dict) -> str:
                   "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
         for shape, ab in data["ab"].items():
             for row in ab["rows"]:
-                lines.append(f"| {shape} | {ab['slice']} | {row['backend']} | {row['batch']} | "
+                lines.append(f"| {shape} | {row['slice']} | {row['backend']} | {row['batch']} | "
                              f"{row['dense_p50_ms']:.1f} | "
                              f"{row['sliced_p50_ms']:.1f} | {row['latency_ratio']:.3f} | "
                              f"{row['pair_ratio_median']:.3f} | {row['weight_bytes_ratio']:.3f} | "
@@ -222,6 +230,10 @@ def render(data: dict) -> str:
                              f"{row['load_average'][0]} |")
         lines.append("")
     lines += ["## Ideal vs measured (sliced / dense; < 1 is faster)", "",
+              "Each model measured on its own, minutes after its dense baseline, while the load average moved "
+              "(per-variant load in the JSON's `timings`): these ratios carry that drift. For ratios trust the "
+              "interleaved A/B table above; use this one for the prefill column and the slicing levels A/B "
+              "did not cover.", "",
               "| shape | variant | params | weight bytes | FLOPs/token | backend | decode b1 | decode b8 | "
               "prefill (longest) | speedup b1 |", "|---|---|---:|---:|---:|---|---:|---:|---:|---:|"]
     for c in _summary_rows(data):
@@ -269,7 +281,9 @@ def _summary_rows(data: dict) -> list[str]:
 def write(data: dict, out: Path, name: str) -> None:
     write_json(out / f"{name}.json", data)
     write_text(out / f"{name}.md", render(data))
-    results, comparisons = data["results"], data["comparisons"]
+    results = data["results"]
+    comparisons = data["comparisons"] + [{**row, "phase": "decode A/B", "model_label": shape}
+                                         for shape, ab in data.get("ab", {}).items() for row in ab["rows"]]
     for suffix, plot, rows in (("prefill", bench_plots.plot_prefill, results),
                                ("decode", bench_plots.plot_decode, results),
                                ("by_slice", bench_plots.plot_decode_by_slice, results),
@@ -301,8 +315,9 @@ def main() -> None:
     parser.add_argument("--calib-windows", type=int, default=4)
     parser.add_argument("--calib-len", type=int, default=32)
     parser.add_argument("--profile", action="store_true", help="ORT profile of decode, dense and 0.3, every shape")
-    parser.add_argument("--ab", action="store_true", help="also time dense and 0.3 ORT decode interleaved "
-                        "(both sessions loaded at once) for every shape")
+    parser.add_argument("--ab", action="store_true", help="also time decode of dense and --ab-slices "
+                        "interleaved (all models loaded at once) for every shape")
+    parser.add_argument("--ab-slices", default=str(TARGET[1]), help="slice fractions for --ab")
     parser.add_argument("--profile-steps", type=int, default=10)
     parser.add_argument("--scratch", default=None, help="dir for the temporary ONNX exports")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -326,7 +341,8 @@ def main() -> None:
         kind, shape, fraction, out = args.worker.split(":", 3)
         with latency.torch_threads(args.threads):
             if kind == "ab":
-                Path(out).write_text(json.dumps(run_ab(shape, float(fraction), args, config)))
+                fractions = [float(f) for f in fraction.split(",")]
+                Path(out).write_text(json.dumps(run_ab(shape, fractions, args, config)))
                 return
             results, cost, timings = run_variant(shape, float(fraction), args, config, worker_tick)
         Path(out).write_text(json.dumps({"results": results, "cost": cost, "timings": timings}))
@@ -364,13 +380,17 @@ def main() -> None:
                 data["machine"]["load_average_end"] = latency._load()
                 write(data, args.out, args.name)
             if args.ab and shape not in data.setdefault("ab", {}):
-                print(f"{shape} interleaved A/B at {TARGET[1]} ({time.strftime('%H:%M:%S')})", flush=True)
+                print(f"{shape} interleaved A/B at {args.ab_slices} ({time.strftime('%H:%M:%S')})", flush=True)
                 part = Path(parts) / f"{shape}-ab.json"
                 subprocess.run([sys.executable, __file__, *sys.argv[1:], "--worker",
-                                f"ab:{shape}:{TARGET[1]}:{part}"], check=True)
+                                f"ab:{shape}:{args.ab_slices}:{part}"], check=True)
                 data["ab"][shape] = json.loads(part.read_text())
+                data["machine"]["load_average_end"] = latency._load()
                 data["target"] = target_summary(data)
                 write(data, args.out, args.name)
+    data["comparisons"] = suite_comparisons(data)
+    data["target"] = target_summary(data)
+    write(data, args.out, args.name)  # also re-renders a merged file when nothing was left to measure
     print(json.dumps(data["target"], indent=2))
     print(f"wrote {args.out / args.name}.json/.md/_*.png")
 
@@ -385,6 +405,7 @@ def merge_previous(data: dict, old: dict) -> dict:
     data["shapes"] = {**old["shapes"], **data["shapes"]}
     data["models"] = {**{s: {} for s in data["shapes"]}, **old["models"]}
     data["machine"]["load_average"] = old["machine"]["load_average"]
+    data["machine"]["load_average_end"] = old["machine"].get("load_average_end")
     return data
 
 

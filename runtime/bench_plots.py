@@ -92,7 +92,8 @@ def plot_ideal(comparisons: list[dict], path: Path) -> Path | None:
         groups.setdefault((c["backend"], c["phase"], c.get("model_label") or ""), []).append(c)
     for (backend, phase, model), points in groups.items():
         ax.scatter([p["ideal_ratio"] for p in points], [p["latency_ratio"] for p in points],
-                   marker="o" if phase == "decode" else "s", label=f"{model} {backend} {phase}".strip())
+                   marker={"decode": "o", "prefill": "s"}.get(phase, "*"), s=70 if phase not in ("decode", "prefill")
+                   else 30, label=f"{model} {backend} {phase}".strip())
     ax.set(xlim=line, ylim=line, xlabel="ideal ratio (bytes: decode, FLOPs: prefill)",
            ylabel="measured latency ratio (variant / dense)", title="Sliced vs dense: measured against ideal")
     ax.grid(True, alpha=0.3)

@@ -14,6 +14,8 @@ shortcuts, table and head included), so every method is compared at the same siz
   tied+budget        ... per-position widths from the dense PCA spectra (one explained-variance fraction)
   all                joint tie basis + shared layer rotation + variance budget
   project+share-layer  full V x D table kept (--tie project: exact head), one rotation per layer
+  joint+share-all    joint tie basis + one rotation for the whole model (one width, so no budget)
+`--only` takes recipe or family names; a family name also selects its --slice recipes (e.g. "tied 0.25").
 Also writes a slice-0 invariance table (max |logit difference| vs the HF model) on the tiny random models.
 """
 
@@ -46,10 +48,8 @@ RECIPES = {
     "reference 0.30": (False, dict(slice=0.30)),
     "identity-rotation 0.25": (False, dict(slice=0.25, rotation="identity")),
     "random-rotation 0.25": (False, dict(slice=0.25, rotation="random")),
-    "tied 0.10": (True, dict(slice=0.10)),
-    "tied 0.20": (True, dict(slice=0.20)),
-    "tied 0.25": (True, dict(slice=0.25)),
-    "tied 0.30": (True, dict(slice=0.30)),
+    **{f"tied {s:.2f}": (True, dict(slice=s, tie_basis="first")) for s in (0.10, 0.20, 0.25, 0.30)},
+    **{f"tied+joint {s:.2f}": (True, dict(slice=s, tie_basis="joint")) for s in (0.10, 0.20, 0.25, 0.30)},
     "tied-project 0.25": (True, dict(slice=0.25, tie="project")),
 }
 UNIFORM_FIRST = dict(budget="uniform", tie_basis="first")
@@ -63,6 +63,7 @@ FAMILIES = {
     "project+share-layer": (True, dict(budget="uniform", tie="project", share="layer"), (0.8,)),
     "tied+budget": (True, dict(budget="variance", tie_basis="first"), (0.8,)),
     "all": (True, dict(budget="variance", tie_basis="joint", share="layer"), (0.9, 0.8, 0.7, 0.6)),
+    "joint+share-all": (True, dict(budget="uniform", tie_basis="joint", share="all"), (0.9, 0.8, 0.7)),
 }
 for _family, (_keep, _options, _ratios) in FAMILIES.items():
     for _ratio in _ratios:

@@ -42,9 +42,6 @@ class SizeModel:
         return (self.const + sum(a * d for a, d in zip(self.linear, widths))
                 + sum(widths[i] * widths[j] for i, j in self.pairs))
 
-    def shortcut_parameters(self, widths: list[int]) -> int:
-        return sum(widths[i] * widths[j] for i, j in self.pairs if j == i + 1)
-
 
 def position_groups(config: SlicedConfig, share: str, slice_head: bool) -> list[int]:
     """Group id of every position 0..L. The head's position joins a group only when it is sliced

@@ -19,7 +19,7 @@ import platform
 import resource
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -300,12 +300,16 @@ class ModelCost:
     kv_elements_per_token: int  # per sequence, all layers, keys + values
     attention_macs: list[int]  # per layer: query heads × (qk + v head dims), times the attended length
     max_positions: int | None = None
+    # a quantized graph: the bytes its initializers take (all / all but lookup-only tables), which
+    # replace params × dtype bytes; the KV cache keeps the activation dtype
+    stored_bytes: int | None = None
+    stored_read_bytes: int | None = None
 
     def weight_bytes(self, dtype: str) -> int:
-        return self.params * _bytes(dtype)
+        return self.stored_bytes if self.stored_bytes is not None else self.params * _bytes(dtype)
 
     def read_bytes(self, dtype: str) -> int:
-        return self.read_params * _bytes(dtype)
+        return self.stored_read_bytes if self.stored_read_bytes is not None else self.read_params * _bytes(dtype)
 
     @property
     def flops_per_token(self) -> int:
@@ -329,8 +333,8 @@ class ModelCost:
 
     def as_dict(self) -> dict:
         out = asdict(self)
-        out.update(flops_per_token=self.flops_per_token, weight_bytes_fp32=self.weight_bytes("fp32"),
-                   read_bytes_fp32=self.read_bytes("fp32"))
+        out.update(flops_per_token=self.flops_per_token, weight_bytes_fp32=self.params * 4,
+                   read_bytes_fp32=self.read_params * 4)
         return out
 
 
@@ -473,11 +477,13 @@ def render_markdown(data: dict, title: str = "Latency") -> str:
              f"{machine.get('load_average')} / {machine.get('load_average_end')}; onnxruntime "
              f"{data['versions'].get('onnxruntime', '-')}, torch {data['versions'].get('torch', '-')}.", "",
              "## Models (counted from their parameters)", "",
-             "| variant | params | weight MB fp32 | streamed/forward MB fp32 | shortcut params | GFLOPs/token |",
-             "|---|---:|---:|---:|---:|---:|"]
+             "| variant | params | weight MB fp32 | streamed/forward MB fp32 | stored MB (quantized) "
+             "| shortcut params | GFLOPs/token |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for name, cost in data["models"].items():
+        stored = f"{cost['stored_bytes'] / 1e6:,.1f}" if cost.get("stored_bytes") is not None else "-"
         lines.append(f"| {name} | {cost['params']:,} | {cost['weight_bytes_fp32'] / 1e6:,.1f} | "
-                     f"{cost['read_bytes_fp32'] / 1e6:,.1f} | {cost['shortcut_params']:,} | "
+                     f"{cost['read_bytes_fp32'] / 1e6:,.1f} | {stored} | {cost['shortcut_params']:,} | "
                      f"{cost['flops_per_token'] / 1e9:.3f} |")
     lines += ["", "## Measured", "",
               "Prefill: time to first token (median of repeats). Decode: per-token latency over the timed steps; "
@@ -583,10 +589,12 @@ def bench_build(build_dir: str | Path, out_dir: str | Path, provider: str = "cpu
                 prompts: Iterable[int] | str | None = None, batches: Iterable[int] | str | None = None,
                 steps: int = 20, warmup: int = 3, repeats: int = 3, context: int = 128,
                 max_prompt: int | None = None, dense: bool = True, torch_only: bool = False,
-                threads: int | None = None, progress: Progress | None = None) -> BenchResult:
-    """Measure the build's sliced model (torch eager on sliced/, ORT on onnx/, TensorRT when
-    available) and, unless `dense=False`, its dense source on the same backends (the dense ONNX is
-    exported to a temp dir with the build's export settings). Writes the report into `out_dir`."""
+                threads: int | None = None, quantized: bool | None = None,
+                progress: Progress | None = None) -> BenchResult:
+    """Measure the build's sliced model (torch eager on sliced/, ORT on onnx/, the int4/int8 graph in
+    quantized/ on ORT, TensorRT when available) and, unless `dense=False`, its dense source on the same
+    backends (the dense ONNX is exported to a temp dir with the build's export settings). `quantized`:
+    None measures quantized/ when the build has one. Writes the report into `out_dir`."""
     build = Path(build_dir).expanduser()
     provider = provider.lower()
     provider_name(provider)  # unknown or not-installed providers fail before anything loads
@@ -598,7 +606,8 @@ def bench_build(build_dir: str | Path, out_dir: str | Path, provider: str = "cpu
     sliced_config = json.loads((build / "sliced" / "config.json").read_text())
     max_positions = sliced_config.get("max_position_embeddings")
     data = new_report(str(build), provider, layout["dtype"], config)
-    backends = _build_backends(build, layout, provider, dense, torch_only, threads, data["skipped"])
+    backends = _build_backends(build, layout, provider, dense, torch_only, threads, data["skipped"],
+                               _quantized_dir(build, quantized) if not torch_only else None)
 
     per_backend = len(config.prompt_lengths(max_positions)) + len(config.batches)
     total, done = per_backend * len(backends), 0
@@ -673,10 +682,37 @@ def _torch_device(provider: str) -> str:
     return "cuda" if provider != "cpu" and torch.cuda.is_available() else "cpu"
 
 
+def _quantized_dir(build: Path, wanted: bool | None) -> Path | None:
+    path = build / "quantized"
+    present = (path / "model.onnx").is_file() and (path / "export_config.json").is_file()
+    if wanted and not present:
+        raise ArtifactError(f"{build} has no quantized/ graph; build it with `toolchain build ... --quantize int4`")
+    return path if present and wanted is not False else None
+
+
+def graph_weight_bytes(path: str | Path) -> tuple[int, int]:
+    """(all initializer bytes, bytes a forward reads) of an ONNX graph: tables that only feed Gather
+    (embedding lookups) are not read whole."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    readers: dict[str, set[str]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, set()).add(node.op_type)
+    total = read = 0
+    for tensor in graph.initializer:
+        location = {entry.key: entry.value for entry in tensor.external_data}
+        size = int(location.get("length", 0)) if location else len(tensor.raw_data) or onnx.numpy_helper.to_array(tensor).nbytes
+        total += size
+        read += 0 if readers.get(tensor.name) == {"Gather"} else size
+    return total, read
+
+
 def _build_backends(build: Path, layout: dict, provider: str, dense: bool, torch_only: bool,
-                    threads: int | None, skipped: list) -> list[Backend]:
-    """sliced torch, sliced ORT, [sliced TensorRT], then dense torch and dense ORT (exported to a temp
-    dir), in that order so at most one model is resident at a time."""
+                    threads: int | None, skipped: list, quantized: Path | None = None) -> list[Backend]:
+    """sliced torch, sliced ORT, [sliced int4/int8 ORT], [sliced TensorRT], then dense torch and dense
+    ORT (exported to a temp dir), in that order so at most one model is resident at a time."""
     device = _torch_device(provider)
     holder: dict = {}
 
@@ -699,6 +735,15 @@ def _build_backends(build: Path, layout: dict, provider: str, dense: bool, torch
     if not torch_only:
         backends.append(Backend(f"ort-{provider}", "sliced", layout["dtype"],
                                 lambda: OrtSession(layout["onnx"], provider, threads=threads), sliced_cost))
+        if quantized is not None:
+            mode = json.loads((quantized / "export_config.json").read_text())["quantization"]["mode"]
+
+            def quantized_cost():
+                stored, read = graph_weight_bytes(quantized / "model.onnx")
+                return replace(sliced_cost(), stored_bytes=stored, stored_read_bytes=read)
+
+            backends.append(Backend(f"ort-{provider}", f"sliced-{mode}", mode,
+                                    lambda: OrtSession(quantized, provider, threads=threads), quantized_cost))
         trt = _trt_backend(build, skipped)
         if trt is not None:
             trt.cost = sliced_cost

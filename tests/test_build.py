@@ -53,6 +53,45 @@ def test_build_writes_every_stage_with_hashes(built):
     assert json.loads((built / "reports/parity/parity.json").read_text())["passed"] is True
 
 
+def test_quantize_and_deploy_in_one_build(built, checkpoint, tmp_path):
+    """`--quantize int4 --deploy genai` adds two stages on top of the fp32 build (which resumes), and the
+    genai package generates exactly what ORT generates on the quantized graph."""
+    import numpy as np
+    import onnx
+
+    from exporters.genai import genai_generate
+    from runtime.generate import greedy_generate
+    from runtime.sessions import OrtSession
+
+    pytest.importorskip("onnxruntime_genai")
+    out = tmp_path / "q"
+    shutil.copytree(built, out)
+    args = ["build", "--model", checkpoint, "--slice", "0.3", "--target", "onnx", "--out", out, "--json", *FAST]
+    result = run_cli(*args, "--quantize", "int4", "--deploy", "genai")
+    assert result.exit_code == 0, result.output
+    events = {e["stage"]: e["event"] for e in map(json.loads, result.stdout.splitlines()) if "stage" in e}
+    assert events == {"compress": "skip", "export": "skip", "validate": "skip", "quantize": "done", "deploy": "done"}
+    stages = manifest(out)["stages"]
+    assert "model.onnx" in stages["quantize"]["outputs"] and "genai_config.json" in stages["deploy"]["outputs"]
+    report = json.loads((out / "quantized" / "quantize_report.json").read_text())
+    sizes = report["sizes"]  # a tiny model is mostly fp32 embedding table: compare with the expected size
+    assert report["quantization"]["mode"] == "int4" and sizes["ratio"] < 0.8
+    assert abs(sizes["ratio"] / sizes["expected_ratio"] - 1) < 0.10, sizes
+    assert 0 <= report["parity"]["top1"] <= 1 and report["parity"]["ppl_quantized"] > 1
+    assert "ptb" in report["parity"]["inputs"]  # parity on the calibration text, not random ids
+    ops = [n.op_type for n in onnx.load(str(out / "deploy" / "model.onnx"), load_external_data=False).graph.node]
+    assert "MatMulNBits" in ops  # the package holds the quantized graph
+    prompt = [5, 17, 33, 90, 12, 7]
+    expected = greedy_generate(OrtSession(out / "quantized"), np.array([prompt]), max_new_tokens=8, eos_token_id=2)
+    assert genai_generate(out / "deploy", prompt, 8) == expected[0].tolist()
+
+    result = run_cli(*args, "--quantize", "int4", "--deploy", "triton")  # only the package changes
+    assert result.exit_code == 0, result.output
+    events = {e["stage"]: e["event"] for e in map(json.loads, result.stdout.splitlines()) if "stage" in e}
+    assert events["quantize"] == "skip" and events["deploy"] == "done"
+    assert (out / "deploy" / "llm" / "config.pbtxt").is_file() and (out / "deploy" / "llm" / "1" / "model.onnx").is_file()
+
+
 def test_rerun_skips_and_changed_option_redoes_only_later_stages(built, checkpoint):
     before = manifest(built)
     result = run_cli("build", "--model", checkpoint, "--slice", "0.3", "--target", "onnx", "--out", built, "--json",
@@ -216,6 +255,12 @@ BUILD_CASES = [
     ("widths-not-integers", lambda c, t: ["--widths", "a,b"], "--widths"),
     ("widths-wrong-count", lambda c, t: ["--widths", "32,32"], "--widths"),
     ("eval-unknown-dataset", lambda c, t: ["--eval", "imaginary-corpus"], "unknown dataset"),
+    ("quantize-unknown-mode", lambda c, t: ["--quantize", "int3"], "--quantize"),
+    ("quantize-with-trt-target", lambda c, t: ["--quantize", "int4", "--target", "trt"], "--target onnx"),
+    ("quantize-fp16-export", lambda c, t: ["--quantize", "int4", "--dtype", "fp16"], "fp32"),
+    ("quantize-bad-block-size", lambda c, t: ["--quantize", "int4", "--block-size", "24"], "block-size"),
+    ("deploy-unknown-kind", lambda c, t: ["--deploy", "k8s"], "--deploy"),
+    ("deploy-torch-target", lambda c, t: ["--deploy", "genai", "--target", "torch"], "--target onnx"),
 ]
 
 

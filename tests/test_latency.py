@@ -182,3 +182,28 @@ def test_bench_cli_torch_only_writes_report(build, tmp_path):
     assert {r["backend"] for r in data["results"]} == {"torch-cpu"}
     assert data["skipped"][0]["variant"] == "dense" and data["comparisons"] == []
     assert np.isfinite([r["p99_ms"] for r in data["results"]]).all()
+
+
+def test_bench_measures_the_quantized_graph_next_to_fp32_and_dense(build, tmp_path):
+    """A build with quantized/ gets an `ort-cpu sliced-int4` row whose ideal ratio comes from the bytes
+    the quantized graph actually stores; asking for it on a build without one is a clear error."""
+    from exporters.quantize import quantize_onnx
+
+    with_int4 = tmp_path / "with-int4"
+    shutil.copytree(build, with_int4, ignore=shutil.ignore_patterns("reports"))
+    with pytest.raises(ArtifactError, match="--quantize int4"):
+        bench_build(with_int4, tmp_path / "out-missing", quantized=True, **SMALL)
+    quantize_onnx(with_int4 / "onnx", with_int4 / "quantized", mode="int4", parity=False)
+    data = bench_build(with_int4, tmp_path / "out", **SMALL).data  # quantized=None: measured because present
+
+    assert ("ort-cpu", "sliced-int4") in {(r["backend"], r["variant"]) for r in data["results"]}
+    assert all(r["dtype"] == "int4" for r in data["results"] if r["variant"] == "sliced-int4")
+    int4, fp32 = data["models"]["sliced-int4"], data["models"]["sliced"]
+    stored, read = latency.graph_weight_bytes(with_int4 / "quantized" / "model.onnx")
+    assert (int4["stored_bytes"], int4["stored_read_bytes"]) == (stored, read)
+    assert read < stored < fp32["weight_bytes_fp32"]  # the embedding table is a lookup, not read whole
+    assert int4["params"] == fp32["params"]
+    ideal = {(c["variant"], c["phase"], c["batch"]): c["ideal_ratio"] for c in data["comparisons"]
+             if c["backend"] == "ort-cpu"}
+    assert ideal[("sliced-int4", "decode", 1)] < ideal[("sliced", "decode", 1)]
+    assert "| ort-cpu | sliced-int4 | decode |" in (tmp_path / "out" / "latency.md").read_text()

@@ -314,6 +314,12 @@ def build_command(
     provider: str = typer.Option("cpu", help="ONNX Runtime provider for validate/bench: cpu | cuda | tensorrt"),
     bench: bool = typer.Option(True, "--bench/--no-bench", help="Run the latency benchmark stage"),
     eval_: Optional[str] = typer.Option(None, "--eval", help="Also measure perplexity (dense vs compressed) on this text"),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help="int4 | int8: weight-only quantize the fp32 "
+                                                                     "ONNX export into quantized/ (onnxruntime's "
+                                                                     "MatMulNBits), with parity vs fp32"),
+    block_size: int = typer.Option(32, "--block-size", help="--quantize: weights per quantization block"),
+    deploy: Optional[str] = typer.Option(None, "--deploy", help="genai | triton: package the (quantized) export "
+                                                                 "under deploy/ for onnxruntime-genai or Triton"),
     force: bool = typer.Option(False, "--force", help="Redo every stage"),
     quiet: bool = typer.Option(False, "--quiet", help="No progress output"),
     json_log: bool = typer.Option(False, "--json", help="Machine-readable JSON log lines on stdout"),
@@ -327,7 +333,8 @@ def build_command(
     options = BuildOptions(model=model, target=target, method=method, slice=slice_, compression=compression,
                            widths=parse_widths(widths), rotation=rotation, slice_head=slice_head, tie=tie, calib=calib,
                            nsamples=nsamples, seqlen=seqlen, seed=seed, device=device, dtype=dtype,
-                           provider=provider, bench=bench, eval=eval_)
+                           provider=provider, bench=bench, eval=eval_, quantize=quantize, block_size=block_size,
+                           deploy=deploy)
 
     def on_stage(name: str, event: str) -> None:
         if json_log:
@@ -407,6 +414,8 @@ def bench_command(
     dense: bool = typer.Option(True, "--dense/--no-dense", help="Also measure the dense source model."),
     torch_only: bool = typer.Option(False, "--torch-only", help="Torch eager only (builds without onnx/)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch and ORT intra-op threads (default: theirs)."),
+    quantized: Optional[bool] = typer.Option(None, "--quantized/--no-quantized", help="Also measure the build's "
+                                             "int4/int8 graph (default: when the build has quantized/)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Report dir (default <build>/reports/latency)."),
 ) -> None:
     """Latency of a build's sliced model next to its dense source: TTFT, decode p50/p90/p99, tokens/s, memory."""
@@ -416,7 +425,7 @@ def bench_command(
     with stage_progress("bench") as progress:
         result = bench_build(build_dir, out, provider=provider, prompts=prompts, batches=batches, steps=steps,
                              warmup=warmup, repeats=repeats, context=context, max_prompt=max_prompt, dense=dense,
-                             torch_only=torch_only, threads=threads, progress=progress)
+                             torch_only=torch_only, threads=threads, quantized=quantized, progress=progress)
     table_out = Console(width=160) if not Console().is_terminal else Console()
     table_out.print(result.markdown_path.read_text(), highlight=False, markup=False)
     table_out.print(f"report: {', '.join(str(p) for p in result.paths.values())}", highlight=False)

@@ -1,4 +1,5 @@
-"""`toolchain build`: compress → export → (TensorRT bundle) → validate → bench, on one build dir.
+"""`toolchain build`: compress → export → (TensorRT bundle) → validate → (quantize) → (deploy) → bench
+→ (eval), on one build dir.
 
 Each stage is a function `stage(build_dir, options, progress) -> None` writing one output dir
 atomically (`progress(done, total)` drives the CLI's progress bar; it may be None).
@@ -23,19 +24,23 @@ from typing import Callable
 
 from . import __version__
 from .errors import InvalidOptionError, OutputPathError, ToolchainError
+from .fileio import sha256_file, write_json
 
 
 class ParityError(ToolchainError):
     """The exported model does not match the torch model within tolerance."""
 
     exit_code = 1
-from .fileio import sha256_file, write_json
+
 
 MANIFEST = "manifest.json"
 EVAL_WINDOWS = 32  # 32 x 512 PTB test tokens: a few minutes on 2 CPU cores
 SCHEMA = "toolchain.build/1"
 TARGETS = ("torch", "onnx", "trt")
 DTYPES = ("fp32", "fp16")
+QUANTIZE_MODES = ("int4", "int8")
+DEPLOY_KINDS = ("genai", "triton")
+QUANTIZE_EVAL_WINDOWS = 4  # x --seqlen tokens of the calibration text's test split: top-1 and ppl vs fp32
 
 
 @dataclass
@@ -58,6 +63,9 @@ class BuildOptions:
     provider: str = "cpu"
     bench: bool = True
     eval: str | None = None  # e.g. "ptb": perplexity of dense and compressed
+    quantize: str | None = None  # int4 | int8: weight-only quantization of the fp32 ONNX export
+    block_size: int = 32  # int4/int8 block along K
+    deploy: str | None = None  # genai | triton: a package for that runtime under deploy/
 
     def validate(self) -> None:
         if self.target not in TARGETS:
@@ -67,6 +75,7 @@ class BuildOptions:
         if self.target == "torch" and self.dtype != "fp32":
             raise InvalidOptionError("--dtype applies to the exported model; the torch target saves fp32 weights "
                                      "(use --target onnx --dtype fp16, or load the saved model with torch_dtype)")
+        self._validate_outputs()
         if self.eval is not None:
             from .data import check_source_name
 
@@ -76,6 +85,24 @@ class BuildOptions:
 
             provider_name(self.provider)  # a missing ORT provider fails now, not after compressing
         self.compress_options().validate()
+
+    def _validate_outputs(self) -> None:
+        if self.quantize is not None:
+            if self.quantize not in QUANTIZE_MODES:
+                raise InvalidOptionError(f"unknown --quantize {self.quantize!r}; choose one of {', '.join(QUANTIZE_MODES)}")
+            if self.target != "onnx":
+                raise InvalidOptionError(f"--quantize produces an ONNX Runtime graph; use it with --target onnx "
+                                         f"(--target {self.target} has no quantized output)")
+            if self.dtype != "fp32":
+                raise InvalidOptionError("--quantize replaces the fp32 weights of the export; drop --dtype fp16")
+            from exporters.quantize import QuantizeOptions
+
+            QuantizeOptions(mode=self.quantize, block_size=self.block_size).validate()
+        if self.deploy is not None:
+            if self.deploy not in DEPLOY_KINDS:
+                raise InvalidOptionError(f"unknown --deploy {self.deploy!r}; choose one of {', '.join(DEPLOY_KINDS)}")
+            if self.target == "torch":
+                raise InvalidOptionError(f"--deploy {self.deploy} packages the ONNX export; use --target onnx")
 
     def compress_options(self):
         from .compressing import CompressOptions
@@ -130,11 +157,47 @@ def run_validate(build: Path, options: BuildOptions, progress=None) -> None:
                           f"see {result.markdown_path}")
 
 
+def run_quantize(build: Path, options: BuildOptions, progress=None) -> str:
+    """Weight-only int4/int8 of the fp32 export, with top-1 agreement and perplexity against it on the
+    calibration text's test split (a parity report, not a gate: rounding costs what it costs)."""
+    from exporters.quantize import QuantizeOptions, quantize_onnx
+
+    result = quantize_onnx(build / "onnx", build / "quantized", eval_text=options.calib,
+                           eval_windows=QUANTIZE_EVAL_WINDOWS, eval_seqlen=options.seqlen,
+                           options=QuantizeOptions(mode=options.quantize, block_size=options.block_size,
+                                                   overwrite=True))
+    sizes, parity = result.report["sizes"], result.report["parity"]
+    return (f"{options.quantize}: {sizes['quantized_bytes'] / 2**20:.1f} MB ({sizes['ratio']:.3f} x fp32), "
+            f"top-1 agreement with fp32 {parity['top1']:.3f}, ppl {parity['ppl_fp32']:.2f} -> "
+            f"{parity['ppl_quantized']:.2f} ({parity['inputs']})")
+
+
+def deploy_source(build: Path, options: BuildOptions) -> Path:
+    return build / ("quantized" if options.quantize else "onnx")
+
+
+def run_deploy(build: Path, options: BuildOptions, progress=None) -> str:
+    """deploy/: an onnxruntime-genai model dir, or a Triton model repository holding the model `llm`
+    (ONNX Runtime backend; `toolchain deploy --triton --backend tensorrt` serves a built engine)."""
+    source = deploy_source(build, options)
+    if options.deploy == "genai":
+        from exporters.genai import export_genai
+
+        done = export_genai(source, build / "deploy", overwrite=True)
+        return f"onnxruntime_genai.Model({str(build / 'deploy')!r}) loads {done.model_file} ({source.name}/)"
+    from exporters.triton import write_triton_repository
+
+    repo = write_triton_repository(source, build / "deploy", name="llm", backend="onnxruntime", overwrite=True)
+    check = f"validated with {repo.validated_with}" if repo.validated_with else "config.pbtxt not validated"
+    return f"Triton repository {build / 'deploy'} (model llm from {source.name}/, onnxruntime backend; {check})"
+
+
 def run_bench(build: Path, options: BuildOptions, progress=None) -> None:
     from runtime.latency import bench_build
 
     # the build's own bench stays short (two prompt lengths); `toolchain bench` runs the full sweep
-    bench_build(build, build / "reports" / "latency", provider=options.provider, prompts="128,512")
+    bench_build(build, build / "reports" / "latency", provider=options.provider, prompts="128,512",
+                quantized=options.quantize is not None, progress=progress)
 
 
 def run_eval(build: Path, options: BuildOptions, progress=None) -> None:
@@ -167,8 +230,13 @@ STAGES = [
     Stage("trt_bundle", "trt", run_trt_bundle, lambda o: {}, reads=("sliced",), targets=("trt",)),
     Stage("validate", "reports/parity", run_validate, lambda o: {"dtype": o.dtype, "provider": o.provider},
           reads=("sliced", "onnx"), targets=("onnx", "trt")),
-    Stage("bench", "reports/latency", run_bench, lambda o: {"provider": o.provider},
-          reads=("sliced", "onnx"), targets=("onnx", "trt"), enabled=lambda o: o.bench),
+    Stage("quantize", "quantized", run_quantize,
+          lambda o: {"quantize": o.quantize, "block_size": o.block_size, "calib": o.calib},
+          reads=("onnx",), targets=("onnx",), enabled=lambda o: o.quantize is not None),
+    Stage("deploy", "deploy", run_deploy, lambda o: {"deploy": o.deploy, "source": o.quantize or "onnx"},
+          reads=("onnx", "quantized"), targets=("onnx", "trt"), enabled=lambda o: o.deploy is not None),
+    Stage("bench", "reports/latency", run_bench, lambda o: {"provider": o.provider, "quantize": o.quantize},
+          reads=("sliced", "onnx", "quantized"), targets=("onnx", "trt"), enabled=lambda o: o.bench),
     Stage("eval", "reports/eval", run_eval, lambda o: {"eval": o.eval}, reads=("sliced",),
           enabled=lambda o: o.eval is not None),
 ]

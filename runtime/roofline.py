@@ -793,6 +793,10 @@ def fit_efficiency(bench: str | os.PathLike | Mapping) -> Efficiency:
             raise ArtifactError(f"bench file {source} is not valid JSON ({err}); re-run the benchmark") from err
     if not isinstance(bench, Mapping) or not isinstance(bench.get("results"), list) or "gpu" not in bench:
         raise ArtifactError(f"bench JSON {source or ''} needs a 'gpu' and a 'results' list (see fit_efficiency)")
+    if bench["gpu"] is None:
+        raise ArtifactError(f"bench JSON {source or ''} was measured without a GPU (provider "
+                            f"{bench.get('provider', 'cpu')}); the planner calibrates GPU efficiency, so run "
+                            "`toolchain bench BUILD --provider cuda` on the GPU you plan for")
     gpu = get_gpu(bench["gpu"])
     n_gpus = int(bench.get("n_gpus", 1))
     compute, bandwidth = [], []

@@ -139,7 +139,9 @@ def test_bench_build_json_schema_is_stable(report, build):
 
 def test_bench_json_feeds_the_planner_calibration(report):
     data = json.loads(report.json_path.read_text())
-    data["gpu"] = "a100-80gb"  # as a GPU run records it; the CPU run says null
+    with pytest.raises(ArtifactError, match="without a GPU.*--provider cuda"):  # the CPU run says null
+        roofline.fit_efficiency(data)
+    data["gpu"] = "a100-80gb"  # as a GPU run records it
     efficiency = roofline.fit_efficiency(data)
     assert efficiency.prefill_samples == 8 and efficiency.decode_samples == 8
     assert efficiency.compute > 0 and efficiency.bandwidth > 0

@@ -47,6 +47,7 @@ from . import onnx_graph
 from .onnx import EXTERNAL_DATA_THRESHOLD, MODEL_FILE, TOKENIZER_FILES
 
 MODES = ("int4", "int8")
+ALGORITHMS = ("minmax", "hqq")
 INT8_METHODS = ("nbits", "dynamic")
 # module-name patterns of the MatMuls that read the residual stream or the final (fused) norm
 RESIDUAL_READERS = ("_shortcut", "head_proj", "lm_head")
@@ -63,6 +64,7 @@ class QuantizeOptions:
     int8_method: str = "nbits"  # int8: nbits (MatMulNBits 8-bit, weight-only) | dynamic (quantize_dynamic)
     per_channel: bool = True  # int8 dynamic: one scale per output channel (else per tensor)
     residual_bits: int = 8  # int4: bits of the residual-reading MatMuls (8, 4, or 32 = keep fp32)
+    algorithm: str = "minmax"  # int4 blocks: minmax (round to nearest over each block's range) | hqq
     overwrite: bool = False
 
     def validate(self) -> None:
@@ -74,6 +76,8 @@ class QuantizeOptions:
             raise InvalidOptionError(f"--block-size must be a power of 2 ≥ 16, got {self.block_size}")
         if self.residual_bits not in (4, 8, 32):
             raise InvalidOptionError(f"residual_bits must be 4, 8 or 32 (fp32), got {self.residual_bits}")
+        if self.algorithm not in ALGORITHMS:
+            raise InvalidOptionError(f"unknown int4 algorithm {self.algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
         if self.accuracy_level not in (None, 0, 1, 2, 3, 4):
             raise InvalidOptionError(f"accuracy_level must be 0..4, got {self.accuracy_level}")
 
@@ -172,12 +176,13 @@ def _quantize(model: onnx.ModelProto, src_model: Path, tmp: Path, options: Quant
                 # (nodes_to_include adds to the op types it quantizes anyway: exclude the others instead)
                 quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=options.block_size,
                                                  is_symmetric=options.symmetric, accuracy_level=options.accuracy_level,
-                                                 nodes_to_exclude=[name for name, b in plan.items() if b != bits])
+                                                 nodes_to_exclude=[name for name, b in plan.items() if b != bits],
+                                                 algo_config=_algorithm_config(options, bits))
                 quantizer.process()
                 model = quantizer.model.model
             widths = ", ".join(f"{sum(1 for b in plan.values() if b == bits)} MatMuls at {bits} bits" for bits in passes)
             kept = sum(1 for b in plan.values() if b is None)
-            return model, (f"onnxruntime {onnxruntime.__version__} MatMulNBitsQuantizer (block_size={options.block_size}, "
+            return model, (f"onnxruntime {onnxruntime.__version__} MatMulNBitsQuantizer ({options.algorithm}, block_size={options.block_size}, "
                            f"{'symmetric' if options.symmetric else 'asymmetric'}; {widths}"
                            f"{f', {kept} kept fp32' if kept else ''})")
         from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -195,6 +200,16 @@ def _quantize(model: onnx.ModelProto, src_model: Path, tmp: Path, options: Quant
             path.unlink()
         return quantized, (f"onnxruntime {onnxruntime.__version__} quantize_dynamic (QInt8 weights "
                            f"{'per channel' if options.per_channel else 'per tensor'}, MatMulInteger)")
+
+
+def _algorithm_config(options: QuantizeOptions, bits: int):
+    """None: ORT's default blockwise min/max rounding. hqq: half-quadratic optimisation of each 4-bit
+    block's scale and zero point (ORT's HQQ config; 8-bit passes keep min/max)."""
+    if options.algorithm == "minmax" or bits != 4:
+        return None
+    from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig
+
+    return HQQWeightOnlyQuantConfig(block_size=options.block_size, bits=bits)
 
 
 def _weight_matmuls(model: onnx.ModelProto) -> list:

@@ -259,6 +259,7 @@ BUILD_CASES = [
     ("quantize-with-trt-target", lambda c, t: ["--quantize", "int4", "--target", "trt"], "--target onnx"),
     ("quantize-fp16-export", lambda c, t: ["--quantize", "int4", "--dtype", "fp16"], "fp32"),
     ("quantize-bad-block-size", lambda c, t: ["--quantize", "int4", "--block-size", "24"], "block-size"),
+    ("quantize-unknown-algorithm", lambda c, t: ["--quantize", "int4", "--quant-algorithm", "gptq9"], "algorithm"),
     ("deploy-unknown-kind", lambda c, t: ["--deploy", "k8s"], "--deploy"),
     ("deploy-torch-target", lambda c, t: ["--deploy", "genai", "--target", "torch"], "--target onnx"),
 ]

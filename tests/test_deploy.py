@@ -376,6 +376,28 @@ def test_quantized_size_ort_run_and_agreement(mode, confident_export, deploy_roo
     assert genai_generate(package, prompt, 16) == expected_tokens
 
 
+def test_hqq_blocks_differ_from_minmax_and_keep_agreement(confident_export, deploy_root):
+    """--quant-algorithm hqq goes through ORT's HQQ config: other 4-bit weights than min/max rounding,
+    same layout and size, and the same agreement bar."""
+    minmax = deploy_root / "confident-int4"
+    if not minmax.exists():
+        quantize_onnx(confident_export, minmax, parity=False)
+    result = quantize_onnx(confident_export, deploy_root / "confident-int4-hqq",
+                           options=QuantizeOptions(mode="int4", algorithm="hqq"))
+    assert "hqq" in result.report["quantization"]["tool"] and result.report["parity"]["top1"] >= 0.90
+
+    def four_bit_weights(path: Path) -> dict:
+        graph = onnx.load(str(path / "model.onnx"))
+        inits = {t.name: onnx.numpy_helper.to_array(t) for t in graph.graph.initializer}
+        return {n.name: inits[n.input[1]] for n in graph.graph.node
+                if n.op_type == "MatMulNBits" and next(a.i for a in n.attribute if a.name == "bits") == 4}
+
+    ours, theirs = four_bit_weights(deploy_root / "confident-int4-hqq"), four_bit_weights(minmax)
+    assert ours.keys() == theirs.keys() and ours
+    assert all(ours[k].shape == theirs[k].shape for k in ours)
+    assert any(not np.array_equal(ours[k], theirs[k]) for k in ours)
+
+
 def test_quantize_refuses_a_quantized_or_fp16_source(deploy_root, confident_export):
     from toolchain.errors import InvalidOptionError
 

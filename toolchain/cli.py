@@ -318,6 +318,8 @@ def build_command(
                                                                      "ONNX export into quantized/ (onnxruntime's "
                                                                      "MatMulNBits), with parity vs fp32"),
     block_size: int = typer.Option(32, "--block-size", help="--quantize: weights per quantization block"),
+    quant_algorithm: str = typer.Option("minmax", "--quant-algorithm", help="int4 blocks: minmax (fast) | hqq "
+                                                                           "(optimised scales, slower to quantize)"),
     deploy: Optional[str] = typer.Option(None, "--deploy", help="genai | triton: package the (quantized) export "
                                                                  "under deploy/ for onnxruntime-genai or Triton"),
     force: bool = typer.Option(False, "--force", help="Redo every stage"),
@@ -334,7 +336,7 @@ def build_command(
                            widths=parse_widths(widths), rotation=rotation, slice_head=slice_head, tie=tie, calib=calib,
                            nsamples=nsamples, seqlen=seqlen, seed=seed, device=device, dtype=dtype,
                            provider=provider, bench=bench, eval=eval_, quantize=quantize, block_size=block_size,
-                           deploy=deploy)
+                           quant_algorithm=quant_algorithm, deploy=deploy)
 
     def on_stage(name: str, event: str) -> None:
         if json_log:
@@ -445,6 +447,7 @@ def deploy_command(
     quantize: Optional[str] = typer.Option(None, "--quantize", help="int4 | int8: weight-only quantize the fp32 "
                                                                      "export first (onnxruntime's quantizers)."),
     block_size: int = typer.Option(32, "--block-size", help="int4: weights per quantization block."),
+    quant_algorithm: str = typer.Option("minmax", "--quant-algorithm", help="int4 blocks: minmax | hqq."),
     name: Optional[str] = typer.Option(None, "--name", help="Triton model name (default: llm)."),
     max_batch: int = typer.Option(8, "--max-batch", help="Triton max_batch_size (dynamic batching up to it)."),
     tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="genai: tokenizer dir or hub id when the "
@@ -474,8 +477,8 @@ def deploy_command(
             from exporters.quantize import QuantizeOptions, quantize_onnx
 
             scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=".deploy-", dir=_existing_parent(out))))
-            result = quantize_onnx(source, scratch / "quantized", options=QuantizeOptions(mode=quantize,
-                                                                                           block_size=block_size))
+            result = quantize_onnx(source, scratch / "quantized", options=QuantizeOptions(
+                mode=quantize, block_size=block_size, algorithm=quant_algorithm))
             sizes, parity = result.report["sizes"], result.report["parity"]
             printer.print(f"quantized {quantize}: {sizes['quantized_bytes'] / 2**20:.1f} MB ({sizes['ratio']:.2f} x fp32), "
                           f"top-1 agreement with fp32 {parity['top1']:.3f}", highlight=False)

@@ -65,6 +65,7 @@ class BuildOptions:
     eval: str | None = None  # e.g. "ptb": perplexity of dense and compressed
     quantize: str | None = None  # int4 | int8: weight-only quantization of the fp32 ONNX export
     block_size: int = 32  # int4/int8 block along K
+    quant_algorithm: str = "minmax"  # int4 blocks: minmax | hqq
     deploy: str | None = None  # genai | triton: a package for that runtime under deploy/
 
     def validate(self) -> None:
@@ -97,7 +98,7 @@ class BuildOptions:
                 raise InvalidOptionError("--quantize replaces the fp32 weights of the export; drop --dtype fp16")
             from exporters.quantize import QuantizeOptions
 
-            QuantizeOptions(mode=self.quantize, block_size=self.block_size).validate()
+            QuantizeOptions(mode=self.quantize, block_size=self.block_size, algorithm=self.quant_algorithm).validate()
         if self.deploy is not None:
             if self.deploy not in DEPLOY_KINDS:
                 raise InvalidOptionError(f"unknown --deploy {self.deploy!r}; choose one of {', '.join(DEPLOY_KINDS)}")
@@ -165,7 +166,7 @@ def run_quantize(build: Path, options: BuildOptions, progress=None) -> str:
     result = quantize_onnx(build / "onnx", build / "quantized", eval_text=options.calib,
                            eval_windows=QUANTIZE_EVAL_WINDOWS, eval_seqlen=options.seqlen,
                            options=QuantizeOptions(mode=options.quantize, block_size=options.block_size,
-                                                   overwrite=True))
+                                                   algorithm=options.quant_algorithm, overwrite=True))
     sizes, parity = result.report["sizes"], result.report["parity"]
     return (f"{options.quantize}: {sizes['quantized_bytes'] / 2**20:.1f} MB ({sizes['ratio']:.3f} x fp32), "
             f"top-1 agreement with fp32 {parity['top1']:.3f}, ppl {parity['ppl_fp32']:.2f} -> "
@@ -231,7 +232,8 @@ STAGES = [
     Stage("validate", "reports/parity", run_validate, lambda o: {"dtype": o.dtype, "provider": o.provider},
           reads=("sliced", "onnx"), targets=("onnx", "trt")),
     Stage("quantize", "quantized", run_quantize,
-          lambda o: {"quantize": o.quantize, "block_size": o.block_size, "calib": o.calib},
+          lambda o: {"quantize": o.quantize, "block_size": o.block_size, "algorithm": o.quant_algorithm,
+                     "calib": o.calib},
           reads=("onnx",), targets=("onnx",), enabled=lambda o: o.quantize is not None),
     Stage("deploy", "deploy", run_deploy, lambda o: {"deploy": o.deploy, "source": o.quantize or "onnx"},
           reads=("onnx", "quantized"), targets=("onnx", "trt"), enabled=lambda o: o.deploy is not None),

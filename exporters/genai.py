@@ -16,8 +16,10 @@ What onnxruntime-genai needs and how our graphs meet it:
   same graph (same weights file) whose KV inputs/outputs are zero-padded to the largest head dim
   (Slice after each past input, Pad before each present output). Exact: the padded columns are
   never read. Cost: KV memory of max(head dim) per layer instead of each layer's own.
-* search.past_present_share_buffer must be false: our graphs concatenate past and new keys
-  (present length = past + new); a shared buffer needs GroupQueryAttention graphs.
+* search.past_present_share_buffer: true for our fast graphs (one GroupQueryAttention per layer,
+  which appends the new keys into the past buffer in place: genai then keeps one max_length buffer per
+  layer instead of copying the cache every step); false for the basic/none graphs, which concatenate
+  past and new keys (present length = past + new).
 * Sliding windows (Mistral) live inside our graph (the attention mask), so the config declares none.
 
 `validate_genai_config` checks the config against the graph before genai is ever called, so a
@@ -118,6 +120,7 @@ def write_genai_config(onnx_dir: str | Path, *, tokenizer=None, model_type: str 
         pad_kv_io(onnx_dir / model_file, onnx_dir / PADDED_MODEL_FILE, head_size)
         genai_file = PADDED_MODEL_FILE
     tokenizer_files = ensure_tokenizer(onnx_dir, tokenizer, export_config, required=require_tokenizer)
+    share_buffer = appends_in_place(graph, len(kv))
 
     model_type = model_type or genai_model_type(model_config)
     context = int(model_config.get("max_position_embeddings") or 0) or int(max_length or 0) or 2048
@@ -149,7 +152,7 @@ def write_genai_config(onnx_dir: str | Path, *, tokenizer=None, model_type: str 
             "type": model_type,
             "vocab_size": vocab,
         },
-        "search": _search_options(generation, max_length),
+        "search": _search_options(generation, max_length, share_buffer),
     }
     path = onnx_dir / GENAI_CONFIG
     with atomic_file(path) as tmp:
@@ -175,9 +178,15 @@ def export_genai(onnx_dir: str | Path, out: str | Path, *, overwrite: bool = Fal
     return result
 
 
-def _search_options(generation: dict, max_length: int) -> dict:
+def appends_in_place(graph: onnx.ModelProto, layers: int) -> bool:
+    """Every layer's attention is a GroupQueryAttention (our fast graph), so past and present can
+    share one buffer."""
+    return sum(node.op_type == "GroupQueryAttention" for node in graph.graph.node) == layers > 0
+
+
+def _search_options(generation: dict, max_length: int, share_buffer: bool = False) -> dict:
     """genai's defaults for generate(): the model's generation_config.json where it says (as HF
-    generate would), else greedy. past_present_share_buffer stays false (see the module doc)."""
+    generate would), else greedy; a shared KV buffer where the graph supports it (module doc)."""
     def number(key, default, kind=float):
         value = generation.get(key)
         return kind(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else default
@@ -185,7 +194,7 @@ def _search_options(generation: dict, max_length: int) -> dict:
     return {
         "diversity_penalty": 0.0, "do_sample": bool(generation.get("do_sample", False)), "early_stopping": True,
         "length_penalty": 1.0, "max_length": max_length, "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1,
-        "num_return_sequences": 1, "past_present_share_buffer": False,
+        "num_return_sequences": 1, "past_present_share_buffer": share_buffer,
         "repetition_penalty": number("repetition_penalty", 1.0), "temperature": number("temperature", 1.0),
         "top_k": number("top_k", 50, int), "top_p": number("top_p", 1.0),
     }
@@ -428,9 +437,10 @@ def validate_genai_config(model_dir: str | Path) -> dict:
     max_length = get(search, "max_length", int, "search.")
     if not 0 < max_length <= context:
         fail(f"search.max_length {max_length} must be in 1..model.context_length ({context})")
-    if search.get("past_present_share_buffer", False):
+    if search.get("past_present_share_buffer", False) and not appends_in_place(graph, layers):
         fail("search.past_present_share_buffer must be false: this graph concatenates past and new keys (present "
-             "length = past + new), a shared buffer needs a GroupQueryAttention graph")
+             "length = past + new), a shared buffer needs a GroupQueryAttention graph (`toolchain export "
+             "--optimize fast`)")
     if int(search.get("num_beams", 1)) < 1:
         fail(f"search.num_beams must be ≥ 1, got {search.get('num_beams')!r}")
     return config

@@ -1,7 +1,14 @@
 """Canonical model (dense or sliced) → one ONNX graph with KV cache that serves prefill and decode.
 
-Stages, each a file in a scratch dir inside the (atomic) output dir:
-  torch.onnx.export(dynamo=True) → check → [ORT fusion] → [fp16 with fp32 islands] → check → model.onnx
+Graphs (`ExportOptions.optimize`):
+  fast   (default) the model emitted directly as ORT's fused contrib ops — GroupQueryAttention,
+         RotaryEmbedding, (Skip)SimplifiedLayerNormalization, packed MatMuls (exporters/ort_fusion.py) —
+         then checked against torch (batch 2, left padding, prefill + decode) before it is kept. Models
+         or dtypes it cannot express exactly (fp16, MoDeGPT head dims, sliding windows) fall back to
+         `basic`, with the reason in export_report.json and the log.
+  basic  torch.onnx.export(dynamo=True) → check → ORT transformer optimizer (fuses the norms only)
+         → [fp16 with fp32 islands] → check. Standard ops plus ORT's norm ops.
+  none   the traced graph with standard ONNX ops only (what TensorRT and other runtimes parse).
 Beside the graph: export_config.json (I/O contract and per-layer dims), export_report.json (op counts
 before/after, checks, timings), config.json (+ generation_config.json, tokenizer files when the
 source has them), so onnxruntime-genai / optimum-style loaders find what they expect.
@@ -28,23 +35,29 @@ from toolchain.errors import InvalidOptionError
 from toolchain.fileio import atomic_dir, sha256_file, write_json
 from toolchain.model import SlicedForCausalLM
 
-from . import onnx_graph
+from . import onnx_graph, ort_fusion
 from .kv_wrapper import (BATCH, PAST, SEQ, TOTAL, KVCacheWrapper, dynamic_axes, dynamic_shapes, example_inputs,
                          input_names, kv_head_dims, output_names)
 
 DTYPES = ("fp32", "fp16")
+GRAPHS = ("fast", "basic", "none")
+log = logging.getLogger(__name__)
 EXPORTERS = ("dynamo", "torchscript")
 MODEL_FILE = "model.onnx"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
 # Stay clear of protobuf's hard 2 GB limit (graph + metadata ride along with the weights).
 EXTERNAL_DATA_THRESHOLD = int(1.8 * 2**30)
+# The fast graph's in-process parity check holds the torch model and an ORT session at once.
+VERIFY_MAX_BYTES = 4 * 2**30
 
 
 @dataclass
 class ExportOptions:
     dtype: str = "fp32"  # fp32 | fp16 (norms, RoPE angles, softmax and logits stay fp32)
-    optimize: bool = True  # ORT transformer-optimizer fusions (graph then has ORT contrib ops)
+    # fast | basic | none (module doc); True = fast, False = none. fast and basic use ORT contrib ops.
+    optimize: bool | str = True
+    verify: bool = True  # fast: compare with torch before keeping the graph (fall back to basic if off the bar)
     external_data: bool = False  # always write weights to model.onnx.data (automatic past ~1.8 GB)
     opset: int = 20
     exporter: str = "dynamo"  # "torchscript": the legacy exporter, a fallback if dynamo fails
@@ -64,7 +77,8 @@ def export_onnx(source: str | Path | nn.Module, out: str | Path, options: Export
     """Export `source` (a canonical/HF model object, a model dir or a hub id) into the new dir `out`.
 
     `traced`: a graph `trace_onnx` already wrote for this same model; reusing it skips the torch
-    export (the slow step), e.g. to produce fp32 and fp16 variants from one trace.
+    export (the slow step), e.g. to produce fp32 and fp16 variants from one trace. The fast graph is
+    built from the weights and never needs it.
     """
     options = options or ExportOptions()
     _check_options(options)
@@ -74,21 +88,44 @@ def export_onnx(source: str | Path | nn.Module, out: str | Path, options: Export
     external = options.external_data or weight_bytes >= EXTERNAL_DATA_THRESHOLD
     timings, checks = {}, {}
 
+    graph_kind, fallback = choose_graph(config, options)
     with atomic_dir(out, overwrite=options.overwrite) as tmp:
         stages = tmp / ".stages"
         stages.mkdir()
-        current = stages / "exported.onnx"
-        start = time.perf_counter()
-        if traced is None:
-            trace_onnx(model, current, options, external)
-            timings["torch_export_s"] = time.perf_counter() - start
-        else:
-            onnx_graph.save(onnx.load(str(traced)), current, external)
-        checks["exported"] = onnx_graph.check(current)
-        graph = onnx_graph.load_graph(current)  # reload: the check wrote inferred shapes into it
-        counts = {"exported": onnx_graph.op_counts(graph)}
+        counts, verification = {}, None
+        if graph_kind == "fast":
+            current = stages / "fast.onnx"
+            start = time.perf_counter()
+            onnx_graph.save(ort_fusion.build_fast_graph(model, options.opset), current, external)
+            timings["fast_graph_s"] = time.perf_counter() - start
+            checks["fast"] = onnx_graph.check(current)
+            if options.verify and weight_bytes > VERIFY_MAX_BYTES:
+                verification = {"passed": None, "skipped": f"weights of {weight_bytes / 2**30:.1f} GB: torch and ORT "
+                                "copies side by side would not fit comfortably; run `toolchain validate`"}
+            elif options.verify:
+                start = time.perf_counter()
+                verification = verify_graph(model, current)
+                timings["verify_s"] = time.perf_counter() - start
+                if not verification["passed"]:
+                    graph_kind = "basic"
+                    fallback = f"the fast graph missed the fp32 parity bar ({verification['summary']})"
+            if graph_kind == "fast":
+                counts["fast"] = onnx_graph.op_counts(onnx_graph.load_graph(current))
+        if fallback is not None:
+            log.warning("onnx export: fast ORT graph not used (%s); writing the basic graph", fallback)
+        if graph_kind != "fast":
+            current = stages / "exported.onnx"
+            start = time.perf_counter()
+            if traced is None:
+                trace_onnx(model, current, options, external)
+                timings["torch_export_s"] = time.perf_counter() - start
+            else:
+                onnx_graph.save(onnx.load(str(traced)), current, external)
+            checks["exported"] = onnx_graph.check(current)
+            graph = onnx_graph.load_graph(current)  # reload: the check wrote inferred shapes into it
+            counts["exported"] = onnx_graph.op_counts(graph)
 
-        if options.optimize:
+        if graph_kind == "basic":
             start = time.perf_counter()
             graph = onnx_graph.ort_fuse(current, stages / "fused.onnx", external)
             timings["ort_fusion_s"] = time.perf_counter() - start
@@ -107,14 +144,51 @@ def export_onnx(source: str | Path | nn.Module, out: str | Path, options: Export
         checks["final"] = onnx_graph.check(final)
         graph = onnx_graph.load_graph(final)
 
-        export_config = _export_config(model, graph, options, external, source_name)
+        export_config = _export_config(model, graph, options, external, source_name, graph_kind)
         report = _report(config, options, counts, onnx_graph.op_counts(graph), checks, timings, tmp)
+        report["graph"] = {"kind": graph_kind, "requested": graph_option(options), "fallback_reason": fallback,
+                           "parity": verification}
         write_json(tmp / "export_config.json", export_config)
         write_json(tmp / "export_report.json", report)
         config.save_pretrained(tmp)  # config.json: what optimum/genai-style loaders read
         _copy_side_files(source_dir, tmp)
     out = Path(out)
     return ExportResult(out, out / MODEL_FILE, export_config, report)
+
+
+def graph_option(options: ExportOptions) -> str:
+    """ExportOptions.optimize as one of GRAPHS (True = fast, False = none)."""
+    if isinstance(options.optimize, bool):
+        return "fast" if options.optimize else "none"
+    return str(options.optimize).lower()
+
+
+def choose_graph(config, options: ExportOptions) -> tuple[str, str | None]:
+    """(graph kind to write, why the requested fast graph is not used or None)."""
+    kind = graph_option(options)
+    if kind != "fast":
+        return kind, None
+    if options.dtype != "fp32":
+        return "basic", f"the fast graph is fp32 only ({options.dtype} uses the traced graph with fp32 islands)"
+    if (reason := ort_fusion.unsupported_reason(config)) is not None:
+        return "basic", reason
+    return "fast", None
+
+
+def verify_graph(model: SlicedForCausalLM, path: Path) -> dict:
+    """The fast graph against torch at the fp32 parity bar: batch 2 with a left-padded row, prefill +
+    3 decode steps (runtime/parity.py). Returns the summary and pass/fail."""
+    from runtime.parity import check_parity
+    from runtime.sessions import OrtSession, TorchSession
+
+    try:
+        report = check_parity(TorchSession(model), OrtSession(path), "fp32", vocab_size=model.config.vocab_size)
+    except Exception as err:  # noqa: BLE001  (an ORT kernel refusing a shape: fall back, never fail the export)
+        return {"passed": False, "summary": f"onnxruntime failed to run it: {str(err).strip().splitlines()[-1][:300]}"}
+    logits = report["summary"]["logits"]
+    return {"passed": report["passed"], "inputs": report["inputs"],
+            "summary": {"logits_max_abs": logits["max_abs"], "top1": logits["top1"],
+                        "limit": next(c["limit"] for c in report["checks"] if "max abs" in c["check"])}}
 
 
 def expected_norm_count(config) -> int:
@@ -127,6 +201,8 @@ def _check_options(options: ExportOptions) -> None:
         raise InvalidOptionError(f"--dtype {options.dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
     if options.exporter not in EXPORTERS:
         raise InvalidOptionError(f"exporter {options.exporter!r} is unknown; choose one of {', '.join(EXPORTERS)}")
+    if graph_option(options) not in GRAPHS:
+        raise InvalidOptionError(f"--optimize {options.optimize!r} is unknown; choose one of {', '.join(GRAPHS)}")
     if options.opset < 20:
         raise InvalidOptionError(f"opset {options.opset} is too old; use 20 or newer")
 
@@ -210,7 +286,8 @@ def _io_spec(values) -> list[dict]:
     return spec
 
 
-def _export_config(model, graph: onnx.ModelProto, options: ExportOptions, external: bool, source: str) -> dict:
+def _export_config(model, graph: onnx.ModelProto, options: ExportOptions, external: bool, source: str,
+                   graph_kind: str) -> dict:
     config = model.config
     opsets = {entry.domain or "ai.onnx": entry.version for entry in graph.opset_import}
     inputs, outputs = _io_spec(graph.graph.input), _io_spec(graph.graph.output)
@@ -224,7 +301,8 @@ def _export_config(model, graph: onnx.ModelProto, options: ExportOptions, extern
         "logits_dtype": next(o["dtype"] for o in outputs if o["name"] == "logits"),
         "opset": opsets.get("ai.onnx"),
         "opsets": dict(sorted(opsets.items())),
-        "optimized": options.optimize,
+        "optimized": graph_kind != "none",
+        "graph": graph_kind,
         "exporter": options.exporter,
         "inputs": inputs,
         "outputs": outputs,

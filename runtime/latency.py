@@ -672,7 +672,9 @@ def _check_build(build: Path, torch_only: bool) -> dict:
     if (onnx_dir / "export_config.json").is_file():
         export = json.loads((onnx_dir / "export_config.json").read_text())
     # the dense export mirrors the build's, so both graphs get the same precision, fusions and exporter
-    return {"onnx": onnx_dir, "dtype": export.get("dtype", "fp32"), "optimized": export.get("optimized", True),
+    # ("graph": fast | basic | none; older exports only record whether ORT fused them)
+    graph = export.get("graph", export.get("optimized", True))
+    return {"onnx": onnx_dir, "dtype": export.get("dtype", "fp32"), "optimized": graph,
             "exporter": export.get("exporter", "dynamo")}
 
 

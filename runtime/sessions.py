@@ -99,18 +99,38 @@ class TorchSession(Session):
 class OrtSession(Session):
     """onnxruntime over an exported dir or .onnx file, on one named provider (no silent fallback).
 
-    Inputs are bound in place and outputs are ORT-allocated and handed back as views, so a decode
-    step copies nothing beyond what the graph itself does.
+    Inputs are bound in place and outputs are ORT-allocated. With `ort_cache=True` the presents are
+    returned as ORT's own OrtValues and bound straight back as the next step's past (IO binding, no
+    round trip through numpy); `run` accepts either kind of past. `spinning=False` stops ORT's idle
+    worker threads from busy-waiting between ops, which on a shared or small machine (2 cores here)
+    costs more than it saves; None keeps ORT's default.
+
+    `kv_buffer=N` (CPU, fast graphs with GroupQueryAttention only): the KV cache lives in one
+    preallocated (batch, kv_heads, N, head_dim) buffer per layer that is bound as both the past input
+    and the present output, so GroupQueryAttention appends the new keys/values in place (ORT's
+    past/present buffer sharing, as onnxruntime-genai does) instead of copying the whole cache every
+    step. The presents returned are numpy views of the first `total` positions of those buffers, so
+    the Session contract is unchanged; passing them back continues in place, any other past is
+    copied into fresh buffers first. N bounds past + new tokens.
     """
 
-    def __init__(self, path: str | Path, provider: str = "cpu", threads: int | None = None, name: str | None = None):
+    def __init__(self, path: str | Path, provider: str = "cpu", threads: int | None = None, name: str | None = None,
+                 ort_cache: bool = False, spinning: bool | None = None, profile_prefix: str | None = None,
+                 kv_buffer: int | None = None):
         import onnxruntime as ort
 
         self.path = resolve_onnx_path(path)
         self.provider = provider_name(provider)
+        self.ort_cache = ort_cache
+        self._ort = ort
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
+        if spinning is not None:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        if profile_prefix:
+            options.enable_profiling = True
+            options.profile_file_prefix = profile_prefix
         options.log_severity_level = 3  # ORT's own warnings (e.g. unused initializers) are not the user's problem
         try:
             self.session = ort.InferenceSession(str(self.path), options, providers=[self.provider])
@@ -127,23 +147,86 @@ class OrtSession(Session):
         self._outputs = [o.name for o in self.session.get_outputs()]
         self.kv_shapes, self.kv_dtype = _kv_layout(self._inputs)
         self.vocab_size = _vocab_size(self.session, self.path)
+        self.kv_buffer = kv_buffer
+        self._shared: tuple | None = None  # (numpy KV buffers, the present handed out last, their IO binding)
+        if kv_buffer is not None:
+            self._check_shared_kv()
+
+    def _check_shared_kv(self) -> None:
+        import onnx
+
+        if self.device != "cpu" or self.ort_cache:
+            raise InvalidOptionError("kv_buffer (in-place KV cache) is implemented for the CPU provider with numpy "
+                                     "presents; drop kv_buffer or ort_cache")
+        export_config = self.path.parent / "export_config.json"
+        if export_config.is_file():  # cheap: the graph file may hold GBs of inline weights
+            fast = json.loads(export_config.read_text()).get("graph") == "fast"
+        else:
+            graph = onnx.load(str(self.path), load_external_data=False)
+            fast = any(node.op_type == "GroupQueryAttention" for node in graph.graph.node)
+            del graph
+        if not fast:
+            raise InvalidOptionError(f"{self.path} has no GroupQueryAttention: only the fast graph (`toolchain export "
+                                     "--optimize fast`) can update its KV cache in place; drop kv_buffer")
 
     def run(self, input_ids, attention_mask, position_ids, past):
+        if self.kv_buffer is not None:
+            return self._run_shared(input_ids, attention_mask, position_ids, past)
         binding = self.session.io_binding()
         feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
         for i, (key, value) in enumerate(past):
             feeds[f"past_key_values.{i}.key"], feeds[f"past_key_values.{i}.value"] = key, value
         for name, array in feeds.items():
-            if name in self._inputs:  # e.g. position_ids is optional for learned-position graphs elsewhere
+            if name not in self._inputs:  # e.g. position_ids is optional for learned-position graphs elsewhere
+                continue
+            if isinstance(array, self._ort.OrtValue):
+                binding.bind_ortvalue_input(name, array)
+            else:
                 binding.bind_cpu_input(name, _as_type(array, self._inputs[name].type))
         for name in self._outputs:
             binding.bind_output(name, self.device)
         self.session.run_with_iobinding(binding)
         values = binding.get_outputs()
-        arrays = [v.numpy() for v in values] if self.device == "cpu" else binding.copy_outputs_to_cpu()
-        out = dict(zip(self._outputs, arrays))
+        if self.ort_cache:  # presents stay ORT-owned; only the logits come to numpy
+            out = dict(zip(self._outputs, values))
+            out["logits"] = out["logits"].numpy()
+        else:
+            arrays = [v.numpy() for v in values] if self.device == "cpu" else binding.copy_outputs_to_cpu()
+            out = dict(zip(self._outputs, arrays))
         present = [(out[f"present.{i}.key"], out[f"present.{i}.value"]) for i in range(self.num_layers)]
         return out["logits"].astype(np.float32, copy=False), present
+
+
+    def _run_shared(self, input_ids, attention_mask, position_ids, past):
+        ort = self._ort
+        batch, total = attention_mask.shape
+        if total > self.kv_buffer:
+            raise InvalidOptionError(f"{total} tokens exceed this session's KV buffer of {self.kv_buffer}; open the "
+                                     "session with a larger kv_buffer")
+        if self._shared is None or past is not self._shared[1] or self._shared[0][0][0].shape[0] != batch:
+            buffers = [(np.zeros((batch, s.heads, self.kv_buffer, s.key_dim), self.kv_dtype),
+                        np.zeros((batch, s.heads, self.kv_buffer, s.value_dim), self.kv_dtype)) for s in self.kv_shapes]
+            for (key_buf, value_buf), (key, value) in zip(buffers, past):
+                length = np.asarray(key).shape[2]
+                key_buf[:, :, :length], value_buf[:, :, :length] = key, value
+            binding = self.session.io_binding()  # the KV buffers are bound once, for every step on them
+            binding.bind_output("logits", "cpu")
+            for i, pair in enumerate(buffers):
+                for kind, buffer in zip(("key", "value"), pair):
+                    value = ort.OrtValue.ortvalue_from_numpy(buffer)  # shares the numpy buffer's memory
+                    binding.bind_ortvalue_input(f"past_key_values.{i}.{kind}", value)
+                    binding.bind_ortvalue_output(f"present.{i}.{kind}", value)
+            self._shared = (buffers, None, binding)
+        buffers, _, binding = self._shared
+        for name, array in (("input_ids", input_ids), ("attention_mask", attention_mask), ("position_ids", position_ids)):
+            if name in self._inputs:
+                binding.bind_cpu_input(name, _as_type(array, self._inputs[name].type))
+        binding.bind_output("logits", "cpu")  # rebound: its shape changes between prefill and decode
+        self.session.run_with_iobinding(binding)
+        logits = binding.get_outputs()[0].numpy()
+        present = [(key[:, :, :total], value[:, :, :total]) for key, value in buffers]
+        self._shared = (buffers, present, binding)
+        return logits.astype(np.float32, copy=False), present
 
 
 def provider_name(provider: str) -> str:

@@ -33,15 +33,16 @@ def export_root(tmp_path_factory) -> Path:
     return tmp_path_factory.getbasetemp() / "onnx-exports"
 
 
-def exported(arch: str, dtype: str, root: Path, optimize: bool = True) -> Path:
-    """The export dir of `arch` sliced at 0.3 in `dtype`."""
+def exported(arch: str, dtype: str, root: Path, optimize: bool | str = True) -> Path:
+    """The export dir of `arch` sliced at 0.3 in `dtype` (optimize: ExportOptions.optimize)."""
     key = (arch, dtype, optimize)
     if key not in _EXPORTS:
         raw = root / arch / "traced.onnx"
         if not raw.exists():
             raw.parent.mkdir(parents=True, exist_ok=True)
             trace_onnx(sliced_model(arch), raw)
-        out = root / arch / f"{dtype}{'' if optimize else '-raw'}"
+        suffix = {True: "", "fast": "", False: "-raw", "none": "-raw"}.get(optimize, f"-{optimize}")
+        out = root / arch / f"{dtype}{suffix}"
         export_onnx(sliced_model(arch), out, ExportOptions(dtype=dtype, optimize=optimize), traced=raw)
         _EXPORTS[key] = out
     return _EXPORTS[key]

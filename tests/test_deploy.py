@@ -94,7 +94,9 @@ def test_genai_generation_equals_torch(arch, root, deploy_root):
     model = sliced_model(arch)
     assert decoder["head_size"] == model.config.qk_head_dims[0] and decoder["filename"] == "model.onnx"
     assert decoder["num_key_value_heads"] == model.config.num_key_value_heads
-    assert config["search"]["past_present_share_buffer"] is False
+    graph_kind = json.loads((exported(arch, "fp32", root) / "export_config.json").read_text())["graph"]
+    # GroupQueryAttention appends in place: genai shares one KV buffer (fast graphs) or copies (basic)
+    assert config["search"]["past_present_share_buffer"] is (graph_kind == "fast")
     assert (package / "tokenizer.json").is_file() and (package / "tokenizer_config.json").is_file()
     assert_genai_matches_torch(package, model)
 
@@ -152,7 +154,6 @@ def _corruptions():
         "type": (edit(lambda c: c["model"].update(type="gpt2")), "model.type 'gpt2'"),
         "vocab": (edit(lambda c: c["model"].update(vocab_size=VOCAB * 2)), "logits"),
         "eos": (edit(lambda c: c["model"].update(eos_token_id=VOCAB + 5)), "eos_token_id"),
-        "share_buffer": (edit(lambda c: c["search"].update(past_present_share_buffer=True)), "past_present_share_buffer"),
         "max_length": (edit(lambda c: c["search"].update(max_length=10**6)), "max_length"),
         "template": (edit(lambda c: decoder(c)["inputs"].update(past_key_names="past.key")), "past_key_names"),
     }
@@ -180,6 +181,23 @@ def test_corrupted_genai_config_fails_in_our_validation(case, root, deploy_root,
         assert "genai_config.json" in str(info.value)
     finally:
         (package / GENAI_CONFIG).write_text(json.dumps(good))
+
+
+def test_shared_kv_buffer_only_on_graphs_that_append_in_place(root, deploy_root):
+    """A basic (concatenating) graph gets past_present_share_buffer false, and a config that turns it on
+    is refused by our validation; the fast graph of the same model gets it on and still matches torch."""
+    basic = export_genai(exported("llama", "fp32", root, optimize="basic"), deploy_root / "genai-llama-basic",
+                         tokenizer=tokenizer_dir(deploy_root))
+    assert basic.config["search"]["past_present_share_buffer"] is False
+    config = json.loads(basic.config_path.read_text())
+    config["search"]["past_present_share_buffer"] = True
+    basic.config_path.write_text(json.dumps(config))
+    with pytest.raises(GenaiConfigError, match="past_present_share_buffer must be false"):
+        validate_genai_config(basic.out_dir)
+    fast = export_genai(exported("llama", "fp32", root), deploy_root / "genai-llama-fast",
+                        tokenizer=tokenizer_dir(deploy_root))
+    assert fast.config["search"]["past_present_share_buffer"] is True
+    assert_genai_matches_torch(fast.out_dir, sliced_model("llama"), prompts=PROMPTS[:2])
 
 
 # --- Triton ------------------------------------------------------------------------------------------

@@ -237,8 +237,11 @@ def export_command(
     out: Path = typer.Option(..., "--out", "-o", help="Output directory (must not exist)."),
     target: str = typer.Option("onnx", "--target", help="onnx (KV-cache graph with optimum/genai I/O names)."),
     dtype: str = typer.Option("fp32", "--dtype", help="fp32 | fp16 (norms, RoPE, softmax and logits stay fp32)."),
-    optimize: bool = typer.Option(True, "--optimize/--no-optimize",
-                                  help="Fuse with ORT's transformer optimizer (RMSNorm → SimplifiedLayerNormalization)."),
+    optimize: str = typer.Option("fast", "--optimize", help="fast: ORT's fused ops (GroupQueryAttention, "
+                                 "RotaryEmbedding, SkipSimplifiedLayerNormalization), checked against torch, falling "
+                                 "back to basic where they cannot be exact; basic: the traced graph with ORT's norm "
+                                 "fusion; none: standard ONNX ops only (e.g. for other runtimes)."),
+    no_optimize: bool = typer.Option(False, "--no-optimize", help="Same as --optimize none."),
     external_data: bool = typer.Option(False, "--external-data",
                                        help="Weights in model.onnx.data (automatic past ~1.8 GB)."),
     exporter: str = typer.Option("dynamo", "--exporter", help="dynamo | torchscript (fallback if dynamo fails)."),
@@ -250,11 +253,13 @@ def export_command(
         raise InvalidOptionError(f"--target {target!r} is not supported by `export`; use --target onnx")
     build_model = Path(model).expanduser() / "sliced"
     source = str(build_model) if (build_model / "config.json").is_file() else model
-    result = export_onnx(source, out, ExportOptions(dtype=dtype, optimize=optimize, external_data=external_data,
-                                                    exporter=exporter))
+    result = export_onnx(source, out, ExportOptions(dtype=dtype, optimize="none" if no_optimize else optimize,
+                                                    external_data=external_data, exporter=exporter))
     report = result.report
-    Console().print(f"wrote {result.model_path} ({dtype}, opset {result.config['opset']}); fused norms "
-                    f"{report['fused_norms']}/{report['model_norms']}", highlight=False)
+    graph = report.get("graph", {})
+    fallback = f" (fell back: {graph['fallback_reason']})" if graph.get("fallback_reason") else ""
+    Console().print(f"wrote {result.model_path} ({dtype}, opset {result.config['opset']}, {graph.get('kind', '?')} "
+                    f"graph{fallback}); fused norms {report['fused_norms']}/{report['model_norms']}", highlight=False)
 
 
 @app.command("validate")

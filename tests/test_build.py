@@ -129,6 +129,20 @@ def test_same_inputs_give_identical_bytes(built, checkpoint, tmp_path):
     assert first["export"]["outputs"]["model.onnx"] == second["export"]["outputs"]["model.onnx"]
 
 
+def test_in_memory_and_offloaded_activations_give_the_streamed_bytes(built, checkpoint, tmp_path):
+    """`toolchain slice --no-stream --offload-activations DIR` writes the bytes the streamed build wrote,
+    and leaves no activation files behind."""
+    (tmp_path / "acts").mkdir()
+    out = tmp_path / "sliced"
+    result = run_cli("slice", "--model", checkpoint, "--slice", "0.3", "--nsamples", "4", "--seqlen", "32",
+                     "--no-stream", "--offload-activations", tmp_path / "acts", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert (out / "model.safetensors").read_bytes() == (built / "sliced" / "model.safetensors").read_bytes()
+    report = json.loads((out / "compression_report.json").read_text())
+    assert report["options"]["stream"] is False and report["options"]["offload_activations"] is True
+    assert report["device"] == "cpu" and not any((tmp_path / "acts").iterdir())
+
+
 def test_killed_build_resumes_to_identical_outputs(checkpoint, built, tmp_path):
     out = tmp_path / "killed"
     command = [sys.executable, "-m", "toolchain.cli", "build", "--model", str(checkpoint), "--slice", "0.3",
@@ -245,6 +259,8 @@ BUILD_CASES = [
     ("unknown-dtype", lambda c, t: ["--dtype", "int3"], "--dtype"),
     ("fp16-on-torch-target", lambda c, t: ["--target", "torch", "--dtype", "fp16"], "torch target"),
     ("cuda-device-absent", lambda c, t: ["--device", "cuda"], "CUDA"),
+    ("unknown-device", lambda c, t: ["--device", "tpu"], "--device"),
+    ("offload-dir-missing", lambda c, t: ["--offload-activations", str(t / "no-such-dir")], "--offload-activations"),
     ("ort-provider-absent", lambda c, t: ["--provider", "tensorrt"], "TensorrtExecutionProvider"),
     ("ort-provider-unknown", lambda c, t: ["--provider", "npu9000"], "provider"),
     ("unknown-method", lambda c, t: ["--method", "magic"], "--method"),

@@ -86,7 +86,12 @@ def slice_command(
     allow_larger: bool = typer.Option(False, "--allow-larger", help="Write the result even if it is not smaller "
                                       "than the input"),
     seed: int = typer.Option(0, help="Calibration sampling seed"),
-    device: str = typer.Option("cpu", help="Compute device for calibration (cpu, cuda)"),
+    device: str = typer.Option("auto", help="Compute device for calibration/PCA: auto (CUDA when available) | cpu "
+                               "| cuda | cuda:N"),
+    stream: bool = typer.Option(True, "--stream/--no-stream", help="SliceGPT: read, slice and write one layer at a "
+                                "time (bounded memory; same bytes as --no-stream)"),
+    offload_activations: Optional[Path] = typer.Option(None, "--offload-activations", help="Existing dir for the "
+                                                       "calibration activations (files) instead of memory"),
 ) -> None:
     """Compress a model and write a loadable HF-style model directory."""
     from .compressing import CompressOptions, compress_to_dir
@@ -95,7 +100,8 @@ def slice_command(
                               widths=parse_widths(widths), rotation=rotation, slice_head=slice_head, tie=tie, calib=calib,
                               nsamples=nsamples, seqlen=seqlen, seed=seed, device=device, tie_basis=tie_basis,
                               share=share, target_params=target_params, target_ratio=target_ratio, budget=budget,
-                              allow_larger=allow_larger)
+                              allow_larger=allow_larger, stream=stream,
+                              offload_activations=str(offload_activations) if offload_activations else None)
     with stage_progress("compress") as progress:
         result = compress_to_dir(options, out, progress=progress)
     print_parameter_table(f"{model} → {out}", result.report["parameters"])
@@ -315,7 +321,12 @@ def build_command(
     slice_head: bool = typer.Option(False, "--slice-head", help="Also slice the LM head input"),
     tie: str = typer.Option("slice", help="Tied embeddings: slice | project | untie"),
     seed: int = typer.Option(0, help="Calibration sampling seed"),
-    device: str = typer.Option("cpu", help="Compute device for calibration (cpu, cuda)"),
+    device: str = typer.Option("auto", help="Compute device for calibration/PCA: auto (CUDA when available) | cpu "
+                               "| cuda | cuda:N"),
+    stream: bool = typer.Option(True, "--stream/--no-stream", help="SliceGPT: read, slice and write one layer at a "
+                                "time (bounded memory; same bytes as --no-stream)"),
+    offload_activations: Optional[Path] = typer.Option(None, "--offload-activations", help="Existing dir for the "
+                                                       "calibration activations (files) instead of memory"),
     provider: str = typer.Option("cpu", help="ONNX Runtime provider for validate/bench: cpu | cuda | tensorrt"),
     bench: bool = typer.Option(True, "--bench/--no-bench", help="Run the latency benchmark stage"),
     eval_: Optional[str] = typer.Option(None, "--eval", help="Also measure perplexity (dense vs compressed) on this text"),
@@ -341,7 +352,8 @@ def build_command(
                            widths=parse_widths(widths), rotation=rotation, slice_head=slice_head, tie=tie, calib=calib,
                            nsamples=nsamples, seqlen=seqlen, seed=seed, device=device, dtype=dtype,
                            provider=provider, bench=bench, eval=eval_, quantize=quantize, block_size=block_size,
-                           quant_algorithm=quant_algorithm, deploy=deploy)
+                           quant_algorithm=quant_algorithm, deploy=deploy, stream=stream,
+                           offload_activations=str(offload_activations) if offload_activations else None)
 
     def on_stage(name: str, event: str) -> None:
         if json_log:

@@ -2,6 +2,12 @@
 
 `compress_to_dir` is what `toolchain slice` and the `compress` stage of `toolchain build` call.
 Options are validated before anything heavy is loaded, and the output appears only when complete.
+
+SliceGPT streams by default (toolchain/streaming.py): the checkpoint is read one layer at a time and
+the sliced model is written shard by shard, so peak memory is about one layer plus one output shard,
+not the model twice. `stream=False` (and every MoDeGPT method) loads the whole model instead.
+`device="auto"` calibrates on CUDA when torch sees a GPU, else on the CPU; the compression report
+records the device used.
 """
 
 from __future__ import annotations
@@ -38,8 +44,10 @@ class CompressOptions:
     nsamples: int = 32
     seqlen: int = 256
     seed: int = 0
-    device: str = "cpu"
+    device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda | cuda:N
     batch_size: int = 8
+    stream: bool = True  # SliceGPT: read and write the model layer by layer (bounded memory)
+    offload_activations: str | None = None  # dir for calibration activations (files) instead of memory
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -68,8 +76,22 @@ class CompressOptions:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise InvalidOptionError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise InvalidOptionError(f"--device {self.device}: CUDA is not available here; use --device cpu")
+        resolve_device(self.device)
+        if self.offload_activations is not None and not Path(self.offload_activations).is_dir():
+            raise InvalidOptionError(f"--offload-activations {self.offload_activations}: no such directory; "
+                                     "create it or pass an existing one")
+
+
+def resolve_device(name: str) -> str:
+    """`auto` → `cuda` when torch sees a GPU, else `cpu`; other names are checked and returned."""
+    if not isinstance(name, str) or not (name in ("auto", "cpu", "cuda") or
+                                         (name.startswith("cuda:") and name[5:].isdigit())):
+        raise InvalidOptionError(f"unknown --device {name!r}; choose auto, cpu, cuda or cuda:N")
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise InvalidOptionError(f"--device {name}: CUDA is not available here; use --device cpu (or auto)")
+    return name
 
 
 @dataclass
@@ -107,67 +129,104 @@ def check_supported(model_dir: Path) -> None:
     adapter_for(PretrainedConfig(architectures=config.get("architectures") or [config.get("model_type", "?")]))
 
 
+def streams(options: CompressOptions) -> bool:
+    """Whether `options` take the streaming (layer by layer) path."""
+    return options.stream and options.method == "slicegpt"
+
+
+def _load_in_memory(options: CompressOptions, resolved):
+    from .adapters import to_canonical
+    from .sources import load_hf_model
+
+    hf_model, tokenizer = load_hf_model(resolved, dtype=torch.float32)
+    dense_params = count_parameters(hf_model)
+    model = to_canonical(hf_model, source_model=options.model, keep_tie=options.tie != "untie")
+    return model, tokenizer, dense_params, None
+
+
+def _open_streamed(options: CompressOptions, resolved, tmp: Path):
+    """Canonical skeleton (meta), tokenizer, dense parameter count and the layer-by-layer weight store."""
+    from .sources import load_hf_config, load_tokenizer
+    from .streaming import ShardWriter, open_streamed
+
+    hf_config = load_hf_config(resolved)  # headers, shapes: no tensor read
+    model, weights, hf_meta = open_streamed(resolved.path, hf_config, ShardWriter(tmp), options.model,
+                                            keep_tie=options.tie != "untie")
+    tokenizer = load_tokenizer(resolved.path)
+    return model, tokenizer, count_parameters(hf_meta), weights
+
+
 def compress_to_dir(options: CompressOptions, out_dir: str | Path, overwrite: bool = False,
                     progress=None) -> CompressResult:
-    from .adapters import to_canonical
     from .compress.budget import ensure_smaller, weight_bytes
     from .compress.slicegpt import SliceOptions, check_plan_is_smaller, resolve_widths, slice_model
     from .data import load_text, token_windows
-    from .sources import load_hf_model, resolve_model
+    from .sources import resolve_model
 
     options.validate()
+    device = resolve_device(options.device)
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise OutputPathError(f"--out {out_dir} already exists; choose a new directory or remove it")
     start = time.perf_counter()
     resolved = resolve_model(options.model)
     check_supported(resolved.path)
-    hf_model, tokenizer = load_hf_model(resolved, dtype=torch.float32)
-    dense_params = count_parameters(hf_model)
-    model = to_canonical(hf_model, source_model=options.model, keep_tie=options.tie != "untie")
-    del hf_model
-    max_len = model.config.max_position_embeddings
-    if options.seqlen > max_len:
-        raise InvalidOptionError(f"--seqlen {options.seqlen} exceeds the model's maximum of {max_len}; lower it")
-    target = options.target_params
-    if options.target_ratio is not None:  # a fraction of the source's tied total
-        target = int(options.target_ratio * dense_params.total)
-    slice_options = SliceOptions(slice=options.slice, widths=options.widths, rotation=options.rotation,
-                                 slice_head=options.slice_head, tie=options.tie, seed=options.seed, device=options.device,
-                                 batch_size=options.batch_size, extra={"calibration": options.calib},
-                                 tie_basis=options.tie_basis, share=options.share, target_params=target,
-                                 budget=options.budget)
-    if options.method == "slicegpt":  # impossible widths, or a result that cannot be smaller: fail before calibrating
-        check_plan_is_smaller(model, slice_options, dense_params.total, options.allow_larger)
-    elif "slicegpt" in options.method:
-        resolve_widths(model, slice_options)
-    windows = token_windows(tokenizer, load_text(options.calib, "train"), options.nsamples, options.seqlen,
-                            options.seed)
-    if "slicegpt" in options.method:
-        slice_model(model, windows.input_ids, windows.attention_mask, slice_options, progress=progress)
-    if "modegpt" in options.method:
-        from .compress.modegpt import ModegptOptions, modegpt_model
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:  # a streamed model is written while it is sliced
+        if streams(options):
+            model, tokenizer, dense_params, weights = _open_streamed(options, resolved, tmp)
+        else:
+            model, tokenizer, dense_params, weights = _load_in_memory(options, resolved)
+        max_len = model.config.max_position_embeddings
+        if options.seqlen > max_len:
+            raise InvalidOptionError(f"--seqlen {options.seqlen} exceeds the model's maximum of {max_len}; lower it")
+        target = options.target_params
+        if options.target_ratio is not None:  # a fraction of the source's tied total
+            target = int(options.target_ratio * dense_params.total)
+        slice_options = SliceOptions(slice=options.slice, widths=options.widths, rotation=options.rotation,
+                                     slice_head=options.slice_head, tie=options.tie, seed=options.seed, device=device,
+                                     batch_size=options.batch_size, extra={"calibration": options.calib},
+                                     tie_basis=options.tie_basis, share=options.share, target_params=target,
+                                     budget=options.budget)
+        if options.method == "slicegpt":  # impossible widths, or a result that cannot be smaller: fail before calibrating
+            check_plan_is_smaller(model, slice_options, dense_params.total, options.allow_larger)
+        elif "slicegpt" in options.method:
+            resolve_widths(model, slice_options)
+        windows = token_windows(tokenizer, load_text(options.calib, "train"), options.nsamples, options.seqlen,
+                                options.seed)
+        offload = None if options.offload_activations is None else Path(options.offload_activations)
+        if "slicegpt" in options.method:
+            slice_model(model, windows.input_ids, windows.attention_mask, slice_options, progress=progress,
+                        weights=weights, offload=offload)
+        if "modegpt" in options.method:
+            from .compress.modegpt import ModegptOptions, modegpt_model
 
-        modegpt_model(model, windows.input_ids, windows.attention_mask,
-                      ModegptOptions(compression=options.compression), progress=progress)
-        if options.method == "slicegpt+modegpt":
-            model.config.compression = {**model.config.compression, "slice": options.slice, "method": options.method}
-    compressed_params = count_parameters(model)
-    ensure_smaller(compressed_params.total, dense_params.total, options.allow_larger, f"--method {options.method}",
-                   "Compress more (--slice, --target-ratio, --compression)")  # checked before anything is written
-    report = {
-        "source_model": options.model,
-        "method": options.method,
-        "options": asdict(options),
-        "parameters": parameter_summary(dense_params, compressed_params),
-        "weight_bytes": {"dtype": str(model.dtype).removeprefix("torch."),  # both counted at the saved dtype
-                         "dense": weight_bytes(dense_params.total, model.dtype),
-                         "compressed": weight_bytes(compressed_params.total, model.dtype)},
-        "residual_widths": model.config.residual_widths,
-        "calibration": windows.protocol | {"source": options.calib},
-    }  # no timings here: same inputs must give byte-identical outputs (the manifest keeps timings)
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        model.save_pretrained(tmp)
+            modegpt_model(model, windows.input_ids, windows.attention_mask,
+                          ModegptOptions(compression=options.compression), progress=progress)
+            if options.method == "slicegpt+modegpt":
+                model.config.compression = {**model.config.compression, "slice": options.slice,
+                                            "method": options.method}
+        compressed_params = count_parameters(model)
+        ensure_smaller(compressed_params.total, dense_params.total, options.allow_larger, f"--method {options.method}",
+                       "Compress more (--slice, --target-ratio, --compression)")  # checked before anything is final
+        report = {
+            "source_model": options.model,
+            "method": options.method,
+            # where activations were kept changes no output byte: recorded as yes/no, not as a path
+            "options": asdict(options) | {"offload_activations": options.offload_activations is not None},
+            "device": device,
+            "streamed": weights is not None,
+            "parameters": parameter_summary(dense_params, compressed_params),
+            "weight_bytes": {"dtype": str(model.dtype).removeprefix("torch."),  # both counted at the saved dtype
+                             "dense": weight_bytes(dense_params.total, model.dtype),
+                             "compressed": weight_bytes(compressed_params.total, model.dtype)},
+            "residual_widths": model.config.residual_widths,
+            "calibration": windows.protocol | {"source": options.calib},
+        }  # no timings here: same inputs must give byte-identical outputs (the manifest keeps timings)
+        if weights is None:
+            model.save_pretrained(tmp)
+        else:  # the tensors are already in shards; config and generation config as save_pretrained writes them
+            model.save_pretrained(tmp, state_dict={})
+            weights.writer.finish()
         tokenizer.save_pretrained(tmp)
         write_json(tmp / "compression_report.json", report)
     return CompressResult(out_dir, dense_params, compressed_params, round(time.perf_counter() - start, 2), report)

@@ -58,7 +58,9 @@ class BuildOptions:
     nsamples: int = 32
     seqlen: int = 256
     seed: int = 0
-    device: str = "cpu"
+    device: str = "auto"  # calibration/PCA device: auto = CUDA when available
+    stream: bool = True  # SliceGPT layer by layer (bounded memory; identical bytes either way)
+    offload_activations: str | None = None  # dir for calibration activations instead of memory
     dtype: str = "fp32"  # ONNX precision (the TensorRT bundle is always fp16)
     provider: str = "cpu"
     bench: bool = True
@@ -109,7 +111,8 @@ class BuildOptions:
         from .compressing import CompressOptions
 
         fields = {k: getattr(self, k) for k in ("model", "method", "slice", "compression", "widths", "rotation",
-                                                 "slice_head", "tie", "calib", "nsamples", "seqlen", "seed", "device")}
+                                                 "slice_head", "tie", "calib", "nsamples", "seqlen", "seed", "device",
+                                                 "stream", "offload_activations")}
         return CompressOptions(**fields)
 
 
@@ -222,7 +225,11 @@ def run_eval(build: Path, options: BuildOptions, progress=None) -> None:
 
 
 def _compress_key(o: BuildOptions) -> dict:
-    return asdict(o.compress_options())
+    # how the model is streamed and where activations wait change no output byte: not part of the key
+    key = asdict(o.compress_options())
+    for name in ("stream", "offload_activations"):
+        key.pop(name)
+    return key
 
 
 STAGES = [

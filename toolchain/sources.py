@@ -283,14 +283,12 @@ def _plain_copy(model):
 # --- loading --------------------------------------------------------------------------------------
 
 
-def load_hf_model(resolved: ResolvedModel, dtype=None, device: str = "cpu"):
-    """(model in eval mode, tokenizer) from a resolved checkpoint; safetensors only, no remote code."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def load_hf_config(resolved: ResolvedModel):
+    """The checkpoint's HF config, after checking the weights' headers and shapes (no tensor is read)."""
+    from transformers import AutoConfig
 
     import toolchain  # noqa: F401  (registers the canonical sliced model with the Auto classes)
 
-    dtype = dtype or torch.float32
     path = resolved.path
     shapes = check_checkpoint_dir(path)
     try:
@@ -301,6 +299,62 @@ def load_hf_model(resolved: ResolvedModel, dtype=None, device: str = "cpu"):
             "trust_remote_code are not supported, upgrade transformers or use a supported architecture"
         ) from err
     _check_shapes(path, config, shapes)
+    return config
+
+
+def load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise ModelNotFoundError(
+            f"{path} has no usable tokenizer files ({err}); copy them from the source model"
+        ) from err
+
+
+def _incomplete(path: Path, missing) -> ArtifactError:
+    return ArtifactError(
+        f"{path} lacks {len(missing)} weight(s) its config expects (e.g. {', '.join(sorted(missing)[:3])}); "
+        "the checkpoint is incomplete, re-download or re-save it"
+    )
+
+
+def hf_skeleton(config):
+    """The HF model of `config` on the meta device: its class, parameter names and counts, no memory."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    except ValueError as err:
+        raise UnsupportedArchitectureError(
+            f"{config.model_type} is not a causal LM transformers can build here ({err})"
+        ) from err
+
+
+def check_complete(path: Path, skeleton, names) -> None:
+    """Every parameter the HF model of this config owns is in the checkpoint (tied copies aside)."""
+    seen, missing = set(), []
+    for name, param in skeleton.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
+        if name not in names:
+            missing.append(name)
+    if missing:
+        raise _incomplete(path, missing)
+
+
+def load_hf_model(resolved: ResolvedModel, dtype=None, device: str = "cpu"):
+    """(model in eval mode, tokenizer) from a resolved checkpoint; safetensors only, no remote code."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = dtype or torch.float32
+    path = resolved.path
+    config = load_hf_config(resolved)
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
             path, config=config, dtype=dtype, use_safetensors=True, trust_remote_code=False,
@@ -319,16 +373,8 @@ def load_hf_model(resolved: ResolvedModel, dtype=None, device: str = "cpu"):
         ) from err
     missing = [k for k in info.get("missing_keys", ()) if k]
     if missing:
-        raise ArtifactError(
-            f"{path} lacks {len(missing)} weight(s) its config expects (e.g. {', '.join(sorted(missing)[:3])}); "
-            "the checkpoint is incomplete, re-download or re-save it"
-        )
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as err:
-        raise ModelNotFoundError(
-            f"{path} has no usable tokenizer files ({err}); copy them from the source model"
-        ) from err
+        raise _incomplete(path, missing)
+    tokenizer = load_tokenizer(path)
     return model.to(device).eval(), tokenizer
 
 

@@ -63,10 +63,28 @@ def _set_weight(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | No
         module.embedding_dim = module.weight.shape[1]
 
 
+ROW_BLOCK_BYTES = 64 * 2**20  # float64 working set of one row block (bounds temporaries for V x D tables)
+
+
+def row_blocks(rows: int, cols: int) -> list[slice]:
+    """Row ranges of a (rows x cols) matrix whose float64 copy is at most ROW_BLOCK_BYTES each."""
+    step = max(1, ROW_BLOCK_BYTES // (8 * max(cols, 1)))
+    return [slice(start, start + step) for start in range(0, rows, step)]
+
+
+def times_basis(weight: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """weight @ basis computed in float64 one row block at a time, returned in weight's dtype (each
+    output row depends on its own input row only, so the blocks never hold more than one float64 block)."""
+    basis = basis.to(device=weight.device, dtype=torch.float64)
+    out = torch.empty(weight.shape[0], basis.shape[1], dtype=weight.dtype, device=weight.device)
+    for rows in row_blocks(weight.shape[0], max(weight.shape[1], basis.shape[1])):
+        out[rows] = (weight[rows].to(torch.float64) @ basis).to(weight.dtype)
+    return out
+
+
 def rotate_readers(model: SlicedForCausalLM, position: int, basis: torch.Tensor) -> None:
     for module in readers(model, position):
-        weight = module.weight.to(basis.dtype)
-        _set_weight(module, weight @ basis.to(weight.device))
+        _set_weight(module, times_basis(module.weight, basis))
 
 
 def rotate_writers(model: SlicedForCausalLM, position: int, basis: torch.Tensor) -> None:
@@ -77,8 +95,9 @@ def rotate_writers(model: SlicedForCausalLM, position: int, basis: torch.Tensor)
     for module in writers(model, position):
         weight = module.weight.to(basis.dtype)
         q = basis.to(weight.device)
-        if isinstance(module, nn.Embedding):
-            _set_weight(module, weight @ q)
+        if isinstance(module, nn.Embedding):  # V x D: row blocks
+            del weight
+            _set_weight(module, times_basis(module.weight, q))
             continue
         bias = None if module.bias is None else q.T @ module.bias.to(basis.dtype)
         _set_weight(module, q.T @ weight, bias)
@@ -93,8 +112,9 @@ def add_embedding_projection(model: SlicedForCausalLM) -> None:
     if model.embed_proj is not None:
         return
     table = model.embed_tokens.weight
-    model.embed_proj = nn.Linear(table.shape[1], table.shape[1], bias=False, device=table.device, dtype=table.dtype)
-    _set_weight(model.embed_proj, torch.eye(table.shape[1], dtype=table.dtype, device=table.device))
+    device = "cpu" if table.is_meta else table.device  # a streamed model's table is read later
+    model.embed_proj = nn.Linear(table.shape[1], table.shape[1], bias=False, device=device, dtype=table.dtype)
+    _set_weight(model.embed_proj, torch.eye(table.shape[1], dtype=table.dtype, device=device))
     config.embed_projection, config.embedding_width = True, table.shape[1]
 
 

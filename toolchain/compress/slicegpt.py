@@ -3,8 +3,10 @@ activations, then keep the leading d_p components.
 
 Calibration runs position by position through the already-sliced model: the residual entering
 position p+1 is produced by blocks whose inputs were already rotated and sliced, so errors made
-upstream are what later PCAs see. Only the calibration activations (kept in the model's dtype)
-and the current layer are touched at a time.
+upstream are what later PCAs see. Only the calibration activations (kept in the model's dtype, or
+as files with `offload`) and the current layer are touched at a time. Where a layer's weights come
+from and go to is a `WeightStore`: the model itself here, or the checkpoint read and the output
+written layer by layer (toolchain/streaming.py); the same loop runs either way.
 
 Beyond the paper (issue 12, small tied models):
 - tie basis: with a sliced tied table, Q_0 serves both the embedding and the head, so it comes from
@@ -22,6 +24,7 @@ Beyond the paper (issue 12, small tied models):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -167,12 +170,13 @@ def principal_basis(covariance: torch.Tensor, damping: float) -> torch.Tensor:
     return eigenvectors[:, torch.argsort(eigenvalues, descending=True)]
 
 
-def covariance(batches: list[torch.Tensor], masks: list[torch.Tensor]) -> torch.Tensor:
-    """Σ x xᵀ over the non-padding tokens, accumulated in float64."""
-    dim = batches[0].shape[-1]
-    total = torch.zeros(dim, dim, dtype=torch.float64, device=batches[0].device)
+def covariance(batches, masks: list[torch.Tensor]) -> torch.Tensor:
+    """Σ x xᵀ over the non-padding tokens, accumulated in float64 (`batches`: any iterable)."""
+    total = None
     for x, mask in zip(batches, masks):
         tokens = x[mask.bool()].to(torch.float64)
+        if total is None:
+            total = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float64, device=x.device)
         total += tokens.T @ tokens
     return total
 
@@ -192,9 +196,12 @@ class DenseStats:
 
 @torch.no_grad()
 def dense_statistics(model: SlicedForCausalLM, input_ids, attention_mask, options: SliceOptions,
-                     positions: bool = True, head: bool = True) -> DenseStats:
-    """One forward pass of the (still dense) model over the calibration windows, with hooks on the
-    residual positions (if `positions`) and on the head input (if `head` and there is a head_proj)."""
+                     positions: bool = True, head: bool = True, weights: WeightStore | None = None,
+                     offload: Path | None = None) -> DenseStats:
+    """One pass of the (still dense) model over the calibration windows, layer by layer, with hooks on
+    the residual positions (if `positions`) and on the head input (if `head` and there is a head_proj).
+    `weights` says where the layers come from (default: the model's own, in memory)."""
+    weights = weights or WeightStore()
     final = model.config.num_positions
     dim = model.config.hidden_size
     device = torch.device(options.device)
@@ -209,22 +216,41 @@ def dense_statistics(model: SlicedForCausalLM, input_ids, attention_mask, option
             tokens = tokens / tokens.norm(dim=-1, keepdim=True).clamp(min=1e-30)
         target += tokens.T @ tokens
 
-    hooks = [rotation.norm_at(model, p).register_forward_pre_hook(lambda m, a, p=p: accumulate(covs[p], a[0], True))
-             for p in range(len(covs))]
-    if head is not None:
-        hooks.append(model.head_proj.register_forward_hook(lambda m, a, out: accumulate(head, out)))
-    model.to(device)
+    def hook(module, position):
+        return module.register_forward_pre_hook(lambda m, a: accumulate(covs[position], a[0], True))
+
+    cal = _embed_calibration(model, input_ids, attention_mask, options, weights, offload)
+    weights.close_embedding(model, write=False)
     try:
-        for start in range(0, len(input_ids), options.batch_size):
-            ids = input_ids[start:start + options.batch_size].to(device)
-            mask = attention_mask[start:start + options.batch_size].to(device)
-            current["mask"] = mask.bool()
-            position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
-            model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
+        for index, layer in enumerate(model.layers):
+            weights.open_layer(model, index, device)
+            hooks = [hook(rotation.norm_at(model, p), p) for p in sorted(set(model.config.layer_positions(index)))
+                     if p < len(covs)]
+            try:
+                for batch in range(len(cal)):
+                    mask, rope, bias = cal.batch(batch)
+                    current["mask"] = mask.bool()
+                    cal.residuals[batch] = layer(cal.residuals[batch], rope, bias, None)
+            finally:
+                for handle in hooks:
+                    handle.remove()
+            weights.close_layer(model, index, write=False)
+        weights.open_head(model, device, table=False)
+        hooks = [hook(model.norm, final)] if positions else []
+        if head is not None:
+            hooks.append(model.head_proj.register_forward_hook(lambda m, a, out: accumulate(head, out)))
+        try:
+            for batch in range(len(cal)):
+                current["mask"] = cal.masks[batch].bool()
+                normed = model.norm(cal.residuals[batch])
+                if model.head_proj is not None:
+                    model.head_proj(normed)
+        finally:
+            for handle in hooks:
+                handle.remove()
+        weights.close_head(model, write=False)
     finally:
-        for hook in hooks:
-            hook.remove()
-        model.to("cpu")
+        cal.residuals.close()
     return DenseStats(covs, head)
 
 
@@ -280,29 +306,126 @@ def _check_options(options: SliceOptions) -> None:
         raise InvalidOptionError(f"--target-params must be a positive integer, got {options.target_params!r}")
 
 
-@dataclass
+class WeightStore:
+    """Where the weights of the model being sliced live. This one: already in memory (the model as
+    given); a layer is moved to the compute device while it is worked on and back to the CPU after.
+    toolchain/streaming.py's subclass reads each layer from the checkpoint when opened and writes it
+    out (or drops it) when closed, so only the layers in flight are ever resident."""
+
+    def open_embedding(self, model, device) -> None:
+        for module in (model.embed_tokens, model.embed_positions, model.embed_proj, model.rotary):
+            if module is not None:
+                module.to(device)
+
+    def close_embedding(self, model, write: bool) -> None:
+        for module in (model.embed_tokens, model.embed_positions, model.embed_proj):
+            if module is not None:
+                module.to("cpu")
+
+    def open_layer(self, model, index: int, device) -> None:
+        model.layers[index].to(device)
+
+    def close_layer(self, model, index: int, write: bool) -> None:
+        model.layers[index].to("cpu")
+
+    def open_head(self, model, device, table: bool = True) -> None:
+        """The head_proj (tied), and with `table` the untied LM head, on the compute device (a tied
+        head is the token table, which the head's position never rotates)."""
+        for module in (model.head_proj, model.lm_head if table and not model.config.tie_word_embeddings else None):
+            if module is not None:
+                module.to(device)
+
+    def close_head(self, model, write: bool) -> None:
+        model.to("cpu")
+
+    def finish(self, model) -> None:
+        model.to("cpu")
+
+
+class ActivationStore:
+    """One tensor per calibration batch (the residual stream), kept on the compute device or, with a
+    directory, as one safetensors file per batch (read back when indexed)."""
+
+    def __init__(self, device, directory: Path | None = None):
+        import tempfile
+
+        self.device = torch.device(device)
+        self._tensors: list[torch.Tensor | None] = []
+        self.directory = None if directory is None else Path(tempfile.mkdtemp(prefix="activations-",
+                                                                                dir=Path(directory)))
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def _path(self, index: int):
+        return self.directory / f"batch-{index:05d}.safetensors"
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        if self.directory is None:
+            return self._tensors[index]
+        from safetensors.torch import load_file
+
+        return load_file(self._path(index), device=str(self.device))["h"]
+
+    def __setitem__(self, index: int, tensor: torch.Tensor) -> None:
+        if self.directory is None:
+            self._tensors[index] = tensor
+            return
+        from safetensors.torch import save_file
+
+        save_file({"h": tensor.detach().to("cpu").contiguous()}, self._path(index))
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def append(self, tensor: torch.Tensor) -> None:
+        self._tensors.append(None)
+        self[len(self._tensors) - 1] = tensor
+
+    def close(self) -> None:
+        """Forget every batch (and delete the files)."""
+        import shutil
+
+        self._tensors = []
+        if self.directory is not None:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+
 class _Calibration:
-    """Calibration batches on the compute device, and the residual entering the current position."""
-    masks: list
-    residuals: list
-    ropes: list
-    biases: list
+    """Calibration batches: masks and positions (small, on the compute device) and the residual entering
+    the current position (an ActivationStore). RoPE tables and attention biases are rebuilt per batch
+    when needed rather than kept (a bias is batch x seq² values)."""
+
+    def __init__(self, model, device, offload=None):
+        self.model, self.device = model, device
+        self.masks: list[torch.Tensor] = []
+        self.positions: list[torch.Tensor] = []
+        self.residuals = ActivationStore(device, offload)
+
+    def __len__(self) -> int:
+        return len(self.masks)
+
+    def batch(self, index: int):
+        """(mask, rope, attention bias) of batch `index`."""
+        mask, dtype = self.masks[index], self.model.dtype
+        rope = self.model.rope(self.positions[index], dtype)
+        return mask, rope, attention_bias(mask, mask.shape[1], dtype, self.model.config.sliding_window)
 
 
-def _embed_calibration(model, input_ids, attention_mask, options) -> _Calibration:
-    device, dtype = torch.device(options.device), model.dtype
-    for module in (model.embed_tokens, model.embed_positions, model.embed_proj, model.rotary):
-        if module is not None:
-            module.to(device)
-    cal = _Calibration([], [], [], [])
+def _embed_calibration(model, input_ids, attention_mask, options, weights: WeightStore,
+                       offload=None) -> _Calibration:
+    """Open the embedding and compute the residual at position 0 for every batch (the embedding
+    stays open: position 0's writers are the embedding)."""
+    device = torch.device(options.device)
+    weights.open_embedding(model, device)
+    cal = _Calibration(model, device, offload)
     for start in range(0, len(input_ids), options.batch_size):
         ids = input_ids[start:start + options.batch_size].to(device)
         mask = attention_mask[start:start + options.batch_size].to(device)
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
         cal.masks.append(mask)
+        cal.positions.append(positions)
         cal.residuals.append(model.hidden_input(ids, positions))
-        cal.ropes.append(model.rope(positions, dtype))
-        cal.biases.append(attention_bias(mask, ids.shape[1], dtype, model.config.sliding_window))
     return cal
 
 
@@ -310,7 +433,7 @@ def _group_basis(model, options, cal: _Calibration, stats: DenseStats | None, gr
     """Full D x D basis for the group starting at `position` (columns by decreasing variance)."""
     hidden, device = model.config.hidden_size, torch.device(options.device)
     if options.rotation != "pca":
-        return choose_basis(options, cal.residuals or [torch.zeros(1, device=device)], cal.masks, position, hidden)
+        return choose_basis(options, [torch.zeros(1, device=device)], [], position, hidden)
     members = [p for p, g in enumerate(groups) if g == groups[position]]
     if options.share == "all":  # every member measured once on the dense model
         covs = [stats.covariances[p] for p in members]
@@ -318,8 +441,7 @@ def _group_basis(model, options, cal: _Calibration, stats: DenseStats | None, gr
         covs = [covariance(cal.residuals, cal.masks)]
         if len(members) > 1:  # the layer's MLP position: same residual after the dense attention
             eye = torch.eye(hidden, dtype=torch.float64, device=device)
-            after = [_next_residual(model, position, h, eye, rope, bias)
-                     for h, rope, bias in zip(cal.residuals, cal.ropes, cal.biases)]
+            after = (_next_residual(model, position, cal.residuals[b], eye, *cal.batch(b)[1:]) for b in range(len(cal)))
             covs.append(covariance(after, cal.masks))
     if 0 in members and joint_tie(model, options):
         covs.append(stats.head)
@@ -328,9 +450,13 @@ def _group_basis(model, options, cal: _Calibration, stats: DenseStats | None, gr
 
 @torch.no_grad()
 def slice_model(model: SlicedForCausalLM, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                options: SliceOptions, progress=None) -> SlicedForCausalLM:
-    """Rotate and slice `model` in place. `input_ids`/`attention_mask`: calibration windows [n, seq]."""
+                options: SliceOptions, progress=None, weights: WeightStore | None = None,
+                offload: Path | None = None) -> SlicedForCausalLM:
+    """Rotate and slice `model` in place. `input_ids`/`attention_mask`: calibration windows [n, seq].
+    `weights`: where the layers live (default: in the model; see toolchain/streaming.py for a model
+    read from its checkpoint layer by layer). `offload`: keep calibration activations as files there."""
     _check_options(options)
+    weights = weights or WeightStore()
     config = model.config
     if any(config.shortcuts) or config.residual_widths != [config.hidden_size] * (config.num_positions + 1):
         raise InvalidOptionError("this model is already sliced; slice the original model instead")
@@ -342,14 +468,15 @@ def slice_model(model: SlicedForCausalLM, input_ids: torch.Tensor, attention_mas
     stats = None
     if needs_dense_statistics(model, options, widths):
         stats = dense_statistics(model, input_ids, attention_mask, options,
-                                 positions=options.share == "all" or widths is None, head=joint_tie(model, options))
+                                 positions=options.share == "all" or widths is None, head=joint_tie(model, options),
+                                 weights=weights, offload=offload)
     if widths is None:  # spectrum budget
         problem = budget_problem(model, options, groups)
         losses = group_losses(stats, groups, model, options)
         plan = budget.plan_variance if options.budget == "variance" else budget.plan_global
         widths = plan(problem, options.target_params, losses)
-    _rotate_and_slice(model, input_ids, attention_mask, options, widths, groups, stats, progress)
-    model.to("cpu")
+    _rotate_and_slice(model, input_ids, attention_mask, options, widths, groups, stats, progress, weights, offload)
+    weights.finish(model)
     config.compression = {
         "method": "slicegpt", "slice": options.slice, "rotation": options.rotation, "slice_head": options.slice_head,
         "tie": options.tie if config.tie_word_embeddings else "untied",
@@ -362,40 +489,65 @@ def slice_model(model: SlicedForCausalLM, input_ids: torch.Tensor, attention_mas
     return model
 
 
-def _rotate_and_slice(model, input_ids, attention_mask, options, widths, groups, stats, progress) -> None:
+def _rotate_and_slice(model, input_ids, attention_mask, options, widths, groups, stats, progress,
+                      weights: WeightStore, offload=None) -> None:
+    """Position by position: basis, writers (the block before, or the embedding), shortcut, readers,
+    then the calibration residual through the sliced position. A layer is opened at its first position
+    and closed once the position after its last is done (that position rotates its writers)."""
     config = model.config
     device, dtype, hidden = torch.device(options.device), model.dtype, config.hidden_size
     final = config.num_positions
     # with one dense-measured basis for everything, no residual needs to be propagated
     propagate = not (options.share == "all" or options.rotation != "pca")
-    cal = _embed_calibration(model, input_ids, attention_mask, options) if propagate else _Calibration([], [], [], [])
+    if propagate:
+        cal = _embed_calibration(model, input_ids, attention_mask, options, weights, offload)
+    else:
+        weights.open_embedding(model, device)
+        cal = _Calibration(model, device)
+    layer_of = [rotation._layer_and_kind(model, p)[0] for p in range(final)] + [None]
+    open_layers: set[int] = set()
 
-    previous, full = None, None  # sliced basis of the position before; full basis of the current group
-    for position in range(final + 1):
-        width = widths[position]
-        index = None if position == final else rotation._layer_and_kind(model, position)[0]
-        if index is not None:
-            model.layers[index].to(device)
-        new_group = position == 0 or groups[position] != groups[position - 1]
-        if position == final and width == hidden and new_group:
-            full = torch.eye(hidden, dtype=torch.float64, device=device)  # head stays in the original basis
-        elif new_group:
-            full = _group_basis(model, options, cal, stats, groups, position)
-        basis = full[:, :width]
-        rotation.rotate_writers(model, position, basis)
-        if previous is not None and new_group:
-            rotation.set_shortcut(model, position - 1, previous.T @ basis, dtype)
-        rotation.set_width(model, position, width)
-        rotation.rotate_readers(model, position, basis)
-        if position < final and propagate:
-            sliced = [(x.to(torch.float64) @ basis).to(dtype) for x in cal.residuals]
-            cal.residuals = [_next_residual(model, position, h, basis, rope, bias)
-                             for h, rope, bias in zip(sliced, cal.ropes, cal.biases)]
-        if index is not None and (position + 1 == final or rotation._layer_and_kind(model, position + 1)[0] != index):
-            model.layers[index].to("cpu")
-        previous = basis
-        if progress is not None:
-            progress(position + 1, final + 1)
+    def open_layer(index):
+        if index is not None and index not in open_layers:
+            weights.open_layer(model, index, device)
+            open_layers.add(index)
+
+    try:
+        previous, full = None, None  # sliced basis of the position before; full basis of the current group
+        for position in range(final + 1):
+            width, index = widths[position], layer_of[position]
+            new_group = position == 0 or groups[position] != groups[position - 1]
+            if position == final and width == hidden and new_group:
+                full = torch.eye(hidden, dtype=torch.float64, device=device)  # head stays in the original basis
+            elif new_group:
+                if groups.count(groups[position]) > 1 and options.share == "layer":
+                    open_layer(index)  # the basis also sees the residual after this layer's dense attention
+                full = _group_basis(model, options, cal, stats, groups, position)
+            basis = full[:, :width]
+            rotation.rotate_writers(model, position, basis)
+            if previous is not None and new_group:
+                rotation.set_shortcut(model, position - 1, previous.T @ basis, dtype)
+            # the writers were the last part of the block before: close it, then open this position's
+            if position == 0:
+                weights.close_embedding(model, write=True)
+            elif layer_of[position - 1] != index:
+                weights.close_layer(model, layer_of[position - 1], write=True)
+                open_layers.discard(layer_of[position - 1])
+            open_layer(index)
+            if position == final:  # after the last layer is out: the head may be the largest matrix
+                weights.open_head(model, device)
+            rotation.set_width(model, position, width)
+            rotation.rotate_readers(model, position, basis)
+            if position < final and propagate:
+                for b in range(len(cal)):
+                    sliced = (cal.residuals[b].to(torch.float64) @ basis).to(dtype)
+                    cal.residuals[b] = _next_residual(model, position, sliced, basis, *cal.batch(b)[1:])
+            previous = basis
+            if progress is not None:
+                progress(position + 1, final + 1)
+        weights.close_head(model, write=True)
+    finally:
+        cal.residuals.close()
 
 
 def _next_residual(model, position, h, basis, rope, bias) -> torch.Tensor:

@@ -15,6 +15,12 @@ shortcuts, table and head included), so every method is compared at the same siz
   all                joint tie basis + shared layer rotation + variance budget
   project+share-layer  full V x D table kept (--tie project: exact head), one rotation per layer
   joint+share-all    joint tie basis + one rotation for the whole model (one width, so no budget)
+Issue 9 (MoDeGPT, tied table and head kept: it never touches the residual stream):
+  modegpt            "modegpt 0.25": 25 % of the block parameters removed; "modegpt 75%": the block
+                     compression solved so the total is 75 % of the dense tied total
+  slicegpt+modegpt   an "all"-style slice first, then MoDeGPT with the compression solved for a total target
+  "<family> @<row>"  the family's recipe at the *measured* total of another row (e.g. SliceGPT and the
+                     combination at the size of "modegpt 0.25"); that row must be measured first
 `--only` takes recipe or family names; a family name also selects its --slice recipes (e.g. "tied 0.25").
 Also writes a slice-0 invariance table (max |logit difference| vs the HF model) on the tiny random models.
 """
@@ -33,13 +39,15 @@ import torch
 
 from common import RESULTS, machine_info, write_results
 from toolchain.adapters import to_canonical
+from toolchain.compress.modegpt import ModegptOptions, block_parameters_total, modegpt_model
 from toolchain.compress.slicegpt import SliceOptions, slice_model
 from toolchain.data import eval_windows, load_text, token_windows
 from toolchain.evaluate import perplexity
 from toolchain.model import count_parameters
 from toolchain.sources import load_hf_model, resolve_model
 
-# name -> (keep_tie, SliceOptions kwargs; "target_ratio" is a fraction of the dense tied total); None: dense
+# name -> (keep_tie, SliceOptions kwargs; "target_ratio" is a fraction of the dense tied total, "match" the name
+# of a measured row whose total is the target; "method" selects MoDeGPT, see compress()); None: dense
 RECIPES = {
     "dense": (True, None),
     "reference 0.10": (False, dict(slice=0.10)),
@@ -53,34 +61,94 @@ RECIPES = {
     "tied-project 0.25": (True, dict(slice=0.25, tie="project")),
 }
 UNIFORM_FIRST = dict(budget="uniform", tie_basis="first")
+ALL = dict(budget="variance", tie_basis="joint", share="layer")
 # family -> (keep_tie, options, target ratios); single-point families were cut to fit the machine's time
 FAMILIES = {
-    "reference": (False, dict(budget="uniform"), (0.95, 0.9, 0.8, 0.7, 0.6)),
+    "reference": (False, dict(budget="uniform"), (0.95, 0.9, 0.8, 0.75, 0.7, 0.6)),
     "tied": (True, UNIFORM_FIRST, (0.9, 0.8, 0.7)),
     "tied+joint": (True, dict(budget="uniform", tie_basis="joint"), (0.9, 0.8, 0.7)),
     "tied+share-layer": (True, dict(UNIFORM_FIRST, share="layer"), (0.9, 0.8, 0.7)),
     "tied+share-all": (True, dict(UNIFORM_FIRST, share="all"), (0.8,)),
     "project+share-layer": (True, dict(budget="uniform", tie="project", share="layer"), (0.8,)),
     "tied+budget": (True, dict(budget="variance", tie_basis="first"), (0.8,)),
-    "all": (True, dict(budget="variance", tie_basis="joint", share="layer"), (0.9, 0.8, 0.7, 0.6)),
+    "all": (True, ALL, (0.9, 0.8, 0.75, 0.7, 0.6)),
     "joint+share-all": (True, dict(budget="uniform", tie_basis="joint", share="all"), (0.9, 0.8, 0.7)),
 }
 for _family, (_keep, _options, _ratios) in FAMILIES.items():
     for _ratio in _ratios:
         RECIPES[f"{_family} {_ratio:.0%}"] = (_keep, dict(_options, target_ratio=_ratio))
+# issue 9: MoDeGPT at 25 % of the block parameters and at 75 % of the total; SliceGPT ("reference", best "all")
+# and slicegpt+modegpt (split: "all" slice to 90 % — slicegpt95: 95 % — of the dense total, then MoDeGPT with the
+# compression that lands on the target) at MoDeGPT's measured size
+MODEGPT_25 = "modegpt 0.25"
+RECIPES |= {
+    MODEGPT_25: (True, dict(method="modegpt", compression=0.25)),
+    f"reference @{MODEGPT_25}": (False, dict(FAMILIES["reference"][1], match=MODEGPT_25)),
+    f"all @{MODEGPT_25}": (True, dict(ALL, match=MODEGPT_25)),
+    f"slicegpt+modegpt @{MODEGPT_25}": (True, dict(method="slicegpt+modegpt", slice=dict(ALL, target_ratio=0.9),
+                                                   match=MODEGPT_25)),
+    f"slicegpt95+modegpt @{MODEGPT_25}": (True, dict(method="slicegpt+modegpt", slice=dict(ALL, target_ratio=0.95),
+                                                     match=MODEGPT_25)),  # the other split: less slicing
+    "modegpt 75%": (True, dict(method="modegpt", target_ratio=0.75)),
+    "slicegpt+modegpt 75%": (True, dict(method="slicegpt+modegpt", slice=dict(ALL, target_ratio=0.9),
+                                        target_ratio=0.75)),
+    "slicegpt95+modegpt 75%": (True, dict(method="slicegpt+modegpt", slice=dict(ALL, target_ratio=0.95),
+                                          target_ratio=0.75)),
+}
+SAME_SIZE = {  # issue 9 report: one table per total size
+    f"at the size of {MODEGPT_25}": [MODEGPT_25, f"reference @{MODEGPT_25}", f"all @{MODEGPT_25}",
+                                      f"slicegpt+modegpt @{MODEGPT_25}", f"slicegpt95+modegpt @{MODEGPT_25}"],
+    "at 75 % of the dense total": ["modegpt 75%", "reference 75%", "all 75%", "slicegpt+modegpt 75%",
+                                   "slicegpt95+modegpt 75%"],
+}
 TARGETS = (0.9, 0.8, 0.7)  # issue 12: at 10/20/30 % fewer total parameters ...
 WANTED_REDUCTION = 0.30  # ... perplexity at least 30 % lower than the reference at the same size
 
 
-def slice_options(kwargs: dict, source_params: int) -> SliceOptions:
-    kwargs = dict(kwargs)
-    if "target_ratio" in kwargs:
-        kwargs["target_params"] = int(kwargs.pop("target_ratio") * source_params)
-    return SliceOptions(**kwargs)
+def target_of(kwargs: dict, source_params: int, rows: dict) -> int | None:
+    """Total parameters to land on: a fraction of the dense tied total, or another row's measured total."""
+    if "match" in kwargs:
+        if kwargs["match"] not in rows:
+            sys.exit(f"recipe needs the row {kwargs['match']!r} measured first (same protocol); run it too")
+        return rows[kwargs["match"]]["parameters"]
+    return int(kwargs["target_ratio"] * source_params) if "target_ratio" in kwargs else None
+
+
+def slice_options(kwargs: dict, source_params: int, rows: dict) -> SliceOptions:
+    target = target_of(kwargs, source_params, rows)
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("target_ratio", "match")}
+    return SliceOptions(**kwargs, target_params=target)
+
+
+def compress(model, calib, kwargs: dict, source_params: int, rows: dict) -> dict:
+    """Compress in place with the recipe's method; returns what the row records besides the counts.
+    MoDeGPT's `compression` is the fraction of block parameters removed; with a total target instead, it is
+    solved from the (possibly sliced) model's block count: (total − target) / block parameters. The
+    per-layer rounding of the kept dims leaves the total within a few thousand parameters of the target."""
+    method = kwargs.get("method", "slicegpt")
+    if method == "slicegpt":
+        slice_model(model, calib.input_ids, calib.attention_mask, slice_options(kwargs, source_params, rows))
+        return {}
+    if method == "slicegpt+modegpt":  # = compress.modegpt.slicegpt_modegpt_model, split to solve the compression
+        slice_model(model, calib.input_ids, calib.attention_mask, slice_options(kwargs["slice"], source_params, rows))
+    target = target_of(kwargs, source_params, rows)
+    compression = kwargs.get("compression")
+    if target is not None:
+        compression = (count_parameters(model).total - target) / block_parameters_total(model)
+    modegpt_model(model, calib.input_ids, calib.attention_mask, ModegptOptions(compression=compression))
+    record = model.config.compression.get("modegpt", model.config.compression)
+    layers = record["layers"]
+    mean = lambda key: round(sum(layer[key] for layer in layers) / len(layers), 4)  # noqa: E731
+    return {"modegpt": {"compression": round(compression, 4), "achieved": round(record["achieved"], 4),
+                        "layer_sparsity": [round(layer["sparsity"], 3) for layer in layers],
+                        "mean_mlp_error": mean("mlp_error"), "mean_vo_error": mean("vo_error"),
+                        "mean_qk_score_kept": mean("qk_score_kept")}}
 
 
 def family_of(name: str) -> str:
-    return name.rsplit(" ", 1)[0] if name != "dense" else "dense"
+    if name == "dense":
+        return "dense"
+    return name.split(" @", 1)[0] if " @" in name else name.rsplit(" ", 1)[0]
 
 
 def main() -> None:
@@ -107,30 +175,37 @@ def main() -> None:
             continue
         start = time.perf_counter()
         model = copy.deepcopy(canonical[keep_tie])
-        if kwargs is not None:
-            slice_model(model, calib.input_ids, calib.attention_mask, slice_options(kwargs, source_params))
+        extra = {} if kwargs is None else compress(model, calib, kwargs, source_params, rows)
         params = count_parameters(model)
         result = perplexity(model, tokenizer, test, seqlen=args.eval_seqlen)
         rows[name] = {"name": name, "ppl": round(result["ppl"], 3), "parameters": params.total,
                       "shortcuts": params.shortcuts, "embeddings": params.embeddings, "lm_head": params.lm_head,
                       "kept_vs_source": round(params.total / source_params, 4), "options": kwargs,
-                      "keep_tie": keep_tie, "widths": model.config.residual_widths, "protocol": protocol,
-                      "seconds": round(time.perf_counter() - start, 1)}
+                      "keep_tie": keep_tie, "tied": params.tied, "widths": model.config.residual_widths,
+                      "protocol": protocol, **extra, "seconds": round(time.perf_counter() - start, 1)}
         print({k: v for k, v in rows[name].items() if k != "widths"}, flush=True)
-    # re-read: another batch (--only) may have finished meanwhile
+        del model
+        save(rows, protocol, source_params, calib, test, None)  # after every row: a long batch can be cut short
+    payload = save(rows, protocol, source_params, calib, test, None if args.skip_invariance else invariance_table())
+    print(markdown(payload))
+
+
+def save(rows: dict, protocol: dict, source_params: int, calib, test, invariance: dict | None) -> dict:
+    """Merge `rows` into the results (re-read: another batch (--only) may have finished meanwhile) and write
+    them; `invariance` None keeps the stored table."""
+    previous = RESULTS / "smollm2_quality.json"
     latest = json.loads(previous.read_text()) if previous.exists() else {}
     merged = {r["name"]: r for r in latest.get("rows", []) if r.get("protocol") == protocol} | rows
-    invariance = old.get("invariance") if args.skip_invariance else invariance_table()
     payload = {"benchmark": "smollm2_quality", "machine": machine_info(), "source_parameters": source_params,
                "calibration": calib.protocol | {"text": "ptb train"}, "evaluation": test.protocol | {"text": "ptb test"},
                "protocol": protocol, "rows": sorted(merged.values(), key=lambda r: -r["parameters"]),
-               "invariance": latest.get("invariance") if args.skip_invariance else invariance,
+               "invariance": invariance or latest.get("invariance"),
                "other_protocol_rows": [r for r in latest.get("rows", []) + latest.get("other_protocol_rows", [])
                                        if r.get("protocol") != protocol and r["name"] not in merged]}
     payload["targets"] = target_check(payload)
     write_results("smollm2_quality", payload, markdown(payload))
     plot(payload)
-    print(markdown(payload))
+    return payload
 
 
 # ---- targets: compare at the same total size, on the reference curve interpolated in log-ppl ----
@@ -214,6 +289,22 @@ def markdown(payload: dict) -> str:
             red = "n/a" if check["reduction"] is None else f"{check['reduction']:.1%}"
             lines.append(f"| {check['recipe']} | {check['kept_vs_source']:.1%} | {check['ppl']:.2f} | {ref} | {red} | "
                          f"{'yes' if check['met'] else 'no'} |")
+    by_name = {row["name"]: row for row in payload["rows"]}
+    for title, names in SAME_SIZE.items():
+        present = [by_name[n] for n in names if n in by_name]
+        if len(present) < 2:
+            continue
+        lines += ["", f"MoDeGPT vs SliceGPT {title} (MoDeGPT: block compression, per-module mean errors)", "",
+                  "| recipe | total params | vs dense (tied) | PTB ppl | MoDeGPT compression "
+                  "| MLP / VO error, QK score kept |",
+                  "|---|---|---|---|---|---|"]
+        for row in present:
+            mdg = row.get("modegpt")
+            cells = ("–", "–") if mdg is None else (
+                f"{mdg['compression']:.3f}", f"{mdg['mean_mlp_error']:.3f} / {mdg['mean_vo_error']:.3f}, "
+                                             f"{mdg['mean_qk_score_kept']:.3f}")
+            lines.append(f"| {row['name']} | {row['parameters'] / 1e6:.2f}M | {row['kept_vs_source']:.1%} | "
+                         f"{row['ppl']:.2f} | {cells[0]} | {cells[1]} |")
     if payload.get("invariance"):
         table = payload["invariance"]["table"]
         modes = list(next(iter(table.values())))
@@ -230,13 +321,26 @@ def plot(payload: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    dense = next((r["ppl"] for r in payload["rows"] if r["name"] == "dense"), None)
+    off_scale = [r for r in payload["rows"] if dense is not None and r["ppl"] > 50 * dense]  # sanity baselines
     families: dict[str, list] = {}
     for row in payload["rows"]:
-        families.setdefault(family_of(row["name"]), []).append(row)
-    for family, rows in families.items():
+        if row not in off_scale:
+            families.setdefault(family_of(row["name"]), []).append(row)
+    colors = plt.get_cmap("tab20").colors
+    for index, (family, rows) in enumerate(families.items()):
         rows.sort(key=lambda r: r["parameters"])
-        ax.plot([r["parameters"] / 1e6 for r in rows], [r["ppl"] for r in rows], "o-", label=family)
+        style = dict(marker="o", color=colors[index % len(colors)], linestyle="-", markersize=5)
+        if family == "modegpt":
+            style |= dict(marker="s", color="black", linewidth=2, markersize=7)
+        elif "modegpt" in family:
+            style |= dict(marker="*", color="red" if family == "slicegpt+modegpt" else "darkred", markersize=11)
+        ax.plot([r["parameters"] / 1e6 for r in rows], [r["ppl"] for r in rows], label=family, **style)
+    if off_scale:
+        ax.text(0.01, 0.99, "off scale (sanity baselines):\n" + "\n".join(
+            f"{r['name']}: ppl {r['ppl']:.3g} at {r['parameters'] / 1e6:.1f}M" for r in off_scale),
+            transform=ax.transAxes, va="top", fontsize=7)
     ax.axvline(payload["source_parameters"] / 1e6, color="grey", linestyle=":", label="dense size (tied)")
     ax.set_xlabel("total parameters (M, shortcuts, embeddings and head included)")
     ax.set_ylabel("PTB test perplexity")
@@ -245,6 +349,7 @@ def plot(payload: dict) -> None:
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(RESULTS / "smollm2_quality.png", dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

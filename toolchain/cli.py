@@ -57,6 +57,15 @@ def print_parameter_table(title: str, summary: dict) -> None:
                     f"({summary['compression']:.1%} removed): {verdict}")
 
 
+# calibration placement, shared by `slice` and `build`
+DEVICE_OPTION = typer.Option("auto", "--device", help="Compute device for calibration/PCA: auto (CUDA when "
+                             "available) | cpu | cuda | cuda:N")
+STREAM_OPTION = typer.Option(True, "--stream/--no-stream", help="SliceGPT: read, slice and write one layer at a "
+                             "time (bounded memory; same bytes as --no-stream)")
+OFFLOAD_OPTION = typer.Option(None, "--offload-activations", help="Existing dir for the calibration activations "
+                              "(files) instead of memory")
+
+
 @app.command("slice")
 @user_errors
 def slice_command(
@@ -86,12 +95,9 @@ def slice_command(
     allow_larger: bool = typer.Option(False, "--allow-larger", help="Write the result even if it is not smaller "
                                       "than the input"),
     seed: int = typer.Option(0, help="Calibration sampling seed"),
-    device: str = typer.Option("auto", help="Compute device for calibration/PCA: auto (CUDA when available) | cpu "
-                               "| cuda | cuda:N"),
-    stream: bool = typer.Option(True, "--stream/--no-stream", help="SliceGPT: read, slice and write one layer at a "
-                                "time (bounded memory; same bytes as --no-stream)"),
-    offload_activations: Optional[Path] = typer.Option(None, "--offload-activations", help="Existing dir for the "
-                                                       "calibration activations (files) instead of memory"),
+    device: str = DEVICE_OPTION,
+    stream: bool = STREAM_OPTION,
+    offload_activations: Optional[Path] = OFFLOAD_OPTION,
 ) -> None:
     """Compress a model and write a loadable HF-style model directory."""
     from .compressing import CompressOptions, compress_to_dir
@@ -321,12 +327,9 @@ def build_command(
     slice_head: bool = typer.Option(False, "--slice-head", help="Also slice the LM head input"),
     tie: str = typer.Option("slice", help="Tied embeddings: slice | project | untie"),
     seed: int = typer.Option(0, help="Calibration sampling seed"),
-    device: str = typer.Option("auto", help="Compute device for calibration/PCA: auto (CUDA when available) | cpu "
-                               "| cuda | cuda:N"),
-    stream: bool = typer.Option(True, "--stream/--no-stream", help="SliceGPT: read, slice and write one layer at a "
-                                "time (bounded memory; same bytes as --no-stream)"),
-    offload_activations: Optional[Path] = typer.Option(None, "--offload-activations", help="Existing dir for the "
-                                                       "calibration activations (files) instead of memory"),
+    device: str = DEVICE_OPTION,
+    stream: bool = STREAM_OPTION,
+    offload_activations: Optional[Path] = OFFLOAD_OPTION,
     provider: str = typer.Option("cpu", help="ONNX Runtime provider for validate/bench: cpu | cuda | tensorrt"),
     bench: bool = typer.Option(True, "--bench/--no-bench", help="Run the latency benchmark stage"),
     eval_: Optional[str] = typer.Option(None, "--eval", help="Also measure perplexity (dense vs compressed) on this text"),

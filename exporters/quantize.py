@@ -60,7 +60,10 @@ class QuantizeOptions:
     mode: str = "int4"  # int4 | int8
     block_size: int = 32  # MatMulNBits: weights per block along K (power of 2, ≥ 16)
     symmetric: bool = False  # MatMulNBits: no zero points (smaller, usually a little less accurate)
-    accuracy_level: int | None = None  # MatMulNBits compute type (None/0: fp32; 4: int8 activations on CPU)
+    # MatMulNBits compute type. 4 (int8 activations, per block) is what onnxruntime-genai's builder uses and
+    # ORT's fast CPU kernel: sliced SmolLM2 int4 decodes in 9.7 ms/token with it, 105 ms with 0 (fp32
+    # compute), for the same top-1 agreement (0.699) and PTB ppl 215 vs 207. CUDA ignores it.
+    accuracy_level: int | None = 4
     int8_method: str = "nbits"  # int8: nbits (MatMulNBits 8-bit, weight-only) | dynamic (quantize_dynamic)
     per_channel: bool = True  # int8 dynamic: one scale per output channel (else per tensor)
     residual_bits: int = 8  # int4: bits of the residual-reading MatMuls (8, 4, or 32 = keep fp32)

@@ -98,14 +98,18 @@ class BuildOptions:
                                          f"(--target {self.target} has no quantized output)")
             if self.dtype != "fp32":
                 raise InvalidOptionError("--quantize replaces the fp32 weights of the export; drop --dtype fp16")
-            from exporters.quantize import QuantizeOptions
-
-            QuantizeOptions(mode=self.quantize, block_size=self.block_size, algorithm=self.quant_algorithm).validate()
+            self.quantize_options().validate()
         if self.deploy is not None:
             if self.deploy not in DEPLOY_KINDS:
                 raise InvalidOptionError(f"unknown --deploy {self.deploy!r}; choose one of {', '.join(DEPLOY_KINDS)}")
             if self.target == "torch":
                 raise InvalidOptionError(f"--deploy {self.deploy} packages the ONNX export; use --target onnx")
+
+    def quantize_options(self):
+        from exporters.quantize import QuantizeOptions
+
+        return QuantizeOptions(mode=self.quantize, block_size=self.block_size, algorithm=self.quant_algorithm,
+                               overwrite=True)
 
     def compress_options(self):
         from .compressing import CompressOptions
@@ -164,12 +168,11 @@ def run_validate(build: Path, options: BuildOptions, progress=None) -> None:
 def run_quantize(build: Path, options: BuildOptions, progress=None) -> str:
     """Weight-only int4/int8 of the fp32 export, with top-1 agreement and perplexity against it on the
     calibration text's test split (a parity report, not a gate: rounding costs what it costs)."""
-    from exporters.quantize import QuantizeOptions, quantize_onnx
+    from exporters.quantize import quantize_onnx
 
     result = quantize_onnx(build / "onnx", build / "quantized", eval_text=options.calib,
                            eval_windows=QUANTIZE_EVAL_WINDOWS, eval_seqlen=options.seqlen,
-                           options=QuantizeOptions(mode=options.quantize, block_size=options.block_size,
-                                                   algorithm=options.quant_algorithm, overwrite=True))
+                           options=options.quantize_options())
     sizes, parity = result.report["sizes"], result.report["parity"]
     return (f"{options.quantize}: {sizes['quantized_bytes'] / 2**20:.1f} MB ({sizes['ratio']:.3f} x fp32), "
             f"top-1 agreement with fp32 {parity['top1']:.3f}, ppl {parity['ppl_fp32']:.2f} -> "
@@ -232,6 +235,13 @@ def _compress_key(o: BuildOptions) -> dict:
     return key
 
 
+def _quantize_key(o: BuildOptions) -> dict:
+    # every quantizer setting, defaults included: a changed default must not pass for a current output
+    key = asdict(o.quantize_options()) | {"calib": o.calib}
+    key.pop("overwrite")
+    return key
+
+
 STAGES = [
     Stage("compress", "sliced", run_compress, _compress_key),
     Stage("export", "onnx", run_export, lambda o: {"dtype": o.dtype}, reads=("sliced",), targets=("onnx", "trt")),
@@ -239,8 +249,7 @@ STAGES = [
     Stage("validate", "reports/parity", run_validate, lambda o: {"dtype": o.dtype, "provider": o.provider},
           reads=("sliced", "onnx"), targets=("onnx", "trt")),
     Stage("quantize", "quantized", run_quantize,
-          lambda o: {"quantize": o.quantize, "block_size": o.block_size, "algorithm": o.quant_algorithm,
-                     "calib": o.calib},
+          _quantize_key,
           reads=("onnx",), targets=("onnx",), enabled=lambda o: o.quantize is not None),
     Stage("deploy", "deploy", run_deploy, lambda o: {"deploy": o.deploy, "source": o.quantize or "onnx"},
           reads=("onnx", "quantized"), targets=("onnx", "trt"), enabled=lambda o: o.deploy is not None),

@@ -48,11 +48,20 @@ from .onnx import EXTERNAL_DATA_THRESHOLD, MODEL_FILE, TOKENIZER_FILES
 
 MODES = ("int4", "int8")
 ALGORITHMS = ("minmax", "hqq")
+# --quant-compute → MatMulNBits accuracy_level (4: int8 activations per block; 0: fp32)
+COMPUTE_LEVELS = {"int8": 4, "fp32": 0}
 INT8_METHODS = ("nbits", "dynamic")
 # module-name patterns of the MatMuls that read the residual stream or the final (fused) norm
 RESIDUAL_READERS = ("_shortcut", "head_proj", "lm_head")
 REPORT_FILE = "quantize_report.json"
 SIDE_FILES = ("config.json", "export_config.json", *TOKENIZER_FILES)
+
+
+def accuracy_level(compute: str) -> int:
+    """MatMulNBits accuracy_level for a --quant-compute name."""
+    if compute not in COMPUTE_LEVELS:
+        raise InvalidOptionError(f"unknown --quant-compute {compute!r}; choose one of {', '.join(COMPUTE_LEVELS)}")
+    return COMPUTE_LEVELS[compute]
 
 
 @dataclass
@@ -61,8 +70,9 @@ class QuantizeOptions:
     block_size: int = 32  # MatMulNBits: weights per block along K (power of 2, ≥ 16)
     symmetric: bool = False  # MatMulNBits: no zero points (smaller, usually a little less accurate)
     # MatMulNBits compute type. 4 (int8 activations, per block) is what onnxruntime-genai's builder uses and
-    # ORT's fast CPU kernel: sliced SmolLM2 int4 decodes in 9.7 ms/token with it, 105 ms with 0 (fp32
-    # compute), for the same top-1 agreement (0.699) and PTB ppl 215 vs 207. CUDA ignores it.
+    # ORT's fast CPU kernel; 0 computes in fp32 and is slower than the fp32 graph itself. Sliced SmolLM2
+    # 0.3 (fp32 graph 18 ms/token): int4 9.7 vs 105 ms/token, top-1 0.699 both, PTB ppl 215 vs 207;
+    # int8 8.6 vs 119 ms/token, top-1 0.84 vs 0.90. CUDA ignores it.
     accuracy_level: int | None = 4
     int8_method: str = "nbits"  # int8: nbits (MatMulNBits 8-bit, weight-only) | dynamic (quantize_dynamic)
     per_channel: bool = True  # int8 dynamic: one scale per output channel (else per tensor)

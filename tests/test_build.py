@@ -79,8 +79,10 @@ def test_quantize_and_deploy_in_one_build(built, checkpoint, tmp_path):
     assert abs(sizes["ratio"] / sizes["expected_ratio"] - 1) < 0.10, sizes
     assert 0 <= report["parity"]["top1"] <= 1 and report["parity"]["ppl_quantized"] > 1
     assert "ptb" in report["parity"]["inputs"]  # parity on the calibration text, not random ids
-    ops = [n.op_type for n in onnx.load(str(out / "deploy" / "model.onnx"), load_external_data=False).graph.node]
-    assert "MatMulNBits" in ops  # the package holds the quantized graph
+    nodes = onnx.load(str(out / "deploy" / "model.onnx"), load_external_data=False).graph.node
+    nbits = [n for n in nodes if n.op_type == "MatMulNBits"]
+    assert nbits  # the package holds the quantized graph, with ORT's fast CPU kernel (--quant-compute int8)
+    assert {next(a.i for a in n.attribute if a.name == "accuracy_level") for n in nbits} == {4}
     prompt = [5, 17, 33, 90, 12, 7]
     expected = greedy_generate(OrtSession(out / "quantized"), np.array([prompt]), max_new_tokens=8, eos_token_id=2)
     assert genai_generate(out / "deploy", prompt, 8) == expected[0].tolist()
@@ -276,6 +278,7 @@ BUILD_CASES = [
     ("quantize-fp16-export", lambda c, t: ["--quantize", "int4", "--dtype", "fp16"], "fp32"),
     ("quantize-bad-block-size", lambda c, t: ["--quantize", "int4", "--block-size", "24"], "block-size"),
     ("quantize-unknown-algorithm", lambda c, t: ["--quantize", "int4", "--quant-algorithm", "gptq9"], "algorithm"),
+    ("quantize-unknown-compute", lambda c, t: ["--quantize", "int4", "--quant-compute", "int2"], "--quant-compute"),
     ("deploy-unknown-kind", lambda c, t: ["--deploy", "k8s"], "--deploy"),
     ("deploy-torch-target", lambda c, t: ["--deploy", "genai", "--target", "torch"], "--target onnx"),
 ]

@@ -57,6 +57,13 @@ def print_parameter_table(title: str, summary: dict) -> None:
                     f"({summary['compression']:.1%} removed): {verdict}")
 
 
+# weight-only quantization, shared by `build` and `deploy`
+QUANT_ALGORITHM_OPTION = typer.Option("minmax", "--quant-algorithm", help="int4 blocks: minmax (fast) | hqq "
+                                      "(optimised scales, slower to quantize)")
+QUANT_COMPUTE_OPTION = typer.Option("int8", "--quant-compute", help="MatMulNBits activations on CPU: int8 (ORT's "
+                                    "fast kernel, accuracy_level 4) | fp32 (closer to fp32 outputs, much slower)")
+
+
 # calibration placement, shared by `slice` and `build`
 DEVICE_OPTION = typer.Option("auto", "--device", help="Compute device for calibration/PCA: auto (CUDA when "
                              "available) | cpu | cuda | cuda:N")
@@ -337,8 +344,8 @@ def build_command(
                                                                      "ONNX export into quantized/ (onnxruntime's "
                                                                      "MatMulNBits), with parity vs fp32"),
     block_size: int = typer.Option(32, "--block-size", help="--quantize: weights per quantization block"),
-    quant_algorithm: str = typer.Option("minmax", "--quant-algorithm", help="int4 blocks: minmax (fast) | hqq "
-                                                                           "(optimised scales, slower to quantize)"),
+    quant_algorithm: str = QUANT_ALGORITHM_OPTION,
+    quant_compute: str = QUANT_COMPUTE_OPTION,
     deploy: Optional[str] = typer.Option(None, "--deploy", help="genai | triton: package the (quantized) export "
                                                                  "under deploy/ for onnxruntime-genai or Triton"),
     force: bool = typer.Option(False, "--force", help="Redo every stage"),
@@ -355,7 +362,7 @@ def build_command(
                            widths=parse_widths(widths), rotation=rotation, slice_head=slice_head, tie=tie, calib=calib,
                            nsamples=nsamples, seqlen=seqlen, seed=seed, device=device, dtype=dtype,
                            provider=provider, bench=bench, eval=eval_, quantize=quantize, block_size=block_size,
-                           quant_algorithm=quant_algorithm, deploy=deploy, stream=stream,
+                           quant_algorithm=quant_algorithm, quant_compute=quant_compute, deploy=deploy, stream=stream,
                            offload_activations=str(offload_activations) if offload_activations else None)
 
     def on_stage(name: str, event: str) -> None:
@@ -467,7 +474,8 @@ def deploy_command(
     quantize: Optional[str] = typer.Option(None, "--quantize", help="int4 | int8: weight-only quantize the fp32 "
                                                                      "export first (onnxruntime's quantizers)."),
     block_size: int = typer.Option(32, "--block-size", help="int4: weights per quantization block."),
-    quant_algorithm: str = typer.Option("minmax", "--quant-algorithm", help="int4 blocks: minmax | hqq."),
+    quant_algorithm: str = QUANT_ALGORITHM_OPTION,
+    quant_compute: str = QUANT_COMPUTE_OPTION,
     name: Optional[str] = typer.Option(None, "--name", help="Triton model name (default: llm)."),
     max_batch: int = typer.Option(8, "--max-batch", help="Triton max_batch_size (dynamic batching up to it)."),
     tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="genai: tokenizer dir or hub id when the "
@@ -494,11 +502,12 @@ def deploy_command(
     printer = Console()
     with contextlib.ExitStack() as stack:
         if quantize is not None:
-            from exporters.quantize import QuantizeOptions, quantize_onnx
+            from exporters.quantize import QuantizeOptions, accuracy_level, quantize_onnx
 
             scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=".deploy-", dir=_existing_parent(out))))
             result = quantize_onnx(source, scratch / "quantized", options=QuantizeOptions(
-                mode=quantize, block_size=block_size, algorithm=quant_algorithm))
+                mode=quantize, block_size=block_size, algorithm=quant_algorithm,
+                accuracy_level=accuracy_level(quant_compute)))
             sizes, parity = result.report["sizes"], result.report["parity"]
             printer.print(f"quantized {quantize}: {sizes['quantized_bytes'] / 2**20:.1f} MB ({sizes['ratio']:.2f} x fp32), "
                           f"top-1 agreement with fp32 {parity['top1']:.3f}", highlight=False)

@@ -68,6 +68,7 @@ class BuildOptions:
     quantize: str | None = None  # int4 | int8: weight-only quantization of the fp32 ONNX export
     block_size: int = 32  # int4/int8 block along K
     quant_algorithm: str = "minmax"  # int4 blocks: minmax | hqq
+    quant_compute: str = "int8"  # MatMulNBits activations on CPU: int8 (fast) | fp32
     deploy: str | None = None  # genai | triton: a package for that runtime under deploy/
 
     def validate(self) -> None:
@@ -106,10 +107,10 @@ class BuildOptions:
                 raise InvalidOptionError(f"--deploy {self.deploy} packages the ONNX export; use --target onnx")
 
     def quantize_options(self):
-        from exporters.quantize import QuantizeOptions
+        from exporters.quantize import QuantizeOptions, accuracy_level
 
         return QuantizeOptions(mode=self.quantize, block_size=self.block_size, algorithm=self.quant_algorithm,
-                               overwrite=True)
+                               accuracy_level=accuracy_level(self.quant_compute), overwrite=True)
 
     def compress_options(self):
         from .compressing import CompressOptions

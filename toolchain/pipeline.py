@@ -180,14 +180,10 @@ def run_quantize(build: Path, options: BuildOptions, progress=None) -> str:
             f"{parity['ppl_quantized']:.2f} ({parity['inputs']})")
 
 
-def deploy_source(build: Path, options: BuildOptions) -> Path:
-    return build / ("quantized" if options.quantize else "onnx")
-
-
 def run_deploy(build: Path, options: BuildOptions, progress=None) -> str:
     """deploy/: an onnxruntime-genai model dir, or a Triton model repository holding the model `llm`
     (ONNX Runtime backend; `toolchain deploy --triton --backend tensorrt` serves a built engine)."""
-    source = deploy_source(build, options)
+    source = build / ("quantized" if options.quantize else "onnx")
     if options.deploy == "genai":
         from exporters.genai import export_genai
 

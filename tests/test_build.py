@@ -72,6 +72,7 @@ def test_quantize_and_deploy_in_one_build(built, checkpoint, tmp_path):
     events = {e["stage"]: e["event"] for e in map(json.loads, result.stdout.splitlines()) if "stage" in e}
     assert events == {"compress": "skip", "export": "skip", "validate": "skip", "quantize": "done", "deploy": "done"}
     stages = manifest(out)["stages"]
+    assert list(stages) == ["compress", "export", "validate", "quantize", "deploy"]  # pipeline order, not run order
     assert "model.onnx" in stages["quantize"]["outputs"] and "genai_config.json" in stages["deploy"]["outputs"]
     report = json.loads((out / "quantized" / "quantize_report.json").read_text())
     sizes = report["sizes"]  # a tiny model is mostly fp32 embedding table: compare with the expected size
@@ -344,3 +345,11 @@ def test_validate_rejects_corrupted_onnx(tmp_path):
 def test_inspect_rejects_non_build(tmp_path):
     result = run_cli("inspect", tmp_path)
     assert result.exit_code == 2 and "manifest.json" in result.output
+
+
+def test_manifest_lists_stages_in_pipeline_order():
+    """A stage enabled by a rerun (e.g. --quantize after a build that ran bench) is listed in its place."""
+    from toolchain.pipeline import in_pipeline_order
+
+    records = {"compress": 1, "export": 2, "bench": 3, "quantize": 4, "deploy": 5}
+    assert list(in_pipeline_order(records)) == ["compress", "export", "quantize", "deploy", "bench"]

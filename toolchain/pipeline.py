@@ -308,6 +308,11 @@ def is_current(build: Path, stage: Stage, key: str, manifest: dict) -> bool:
     return root.is_dir() and hash_outputs(root) == record.get("outputs")
 
 
+def in_pipeline_order(records: dict) -> dict:
+    order = [stage.name for stage in STAGES]
+    return dict(sorted(records.items(), key=lambda item: order.index(item[0]) if item[0] in order else len(order)))
+
+
 def prepare_build_dir(build: Path, force: bool) -> None:
     if build.exists() and not build.is_dir():
         raise OutputPathError(f"--out {build} is a file; choose a directory")
@@ -340,6 +345,7 @@ def build(options: BuildOptions, out: str | Path, force: bool = False,
             continue
         on_stage and on_stage(stage.name, "start")
         manifest["stages"][stage.name] = {"status": "running", "output": stage.output, "key": key}
+        manifest["stages"] = in_pipeline_order(manifest["stages"])  # a stage added by a rerun goes to its place
         write_json(build_dir / MANIFEST, manifest)
         start = time.perf_counter()
         try:

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import toolchain  # noqa: F401  (registers the Auto classes)
-from tiny_models import ARCHS, VOCAB, batch_with_left_padding, logits, masked_max_diff, tiny_hf_model
+from tiny_models import ARCHS, VOCAB, batch_with_left_padding, calibration_batch, logits, masked_max_diff, tiny_hf_model
 from toolchain.adapters import to_canonical
 from toolchain.compress import modegpt as mg
 from toolchain.compress.slicegpt import SliceOptions
@@ -17,12 +17,8 @@ from toolchain.errors import InvalidOptionError
 from toolchain.model import count_parameters
 
 
-def calibration(n=12, seq=24, seed=3):
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, VOCAB, (n, seq), generator=gen)
-    mask = torch.ones_like(ids)
-    mask[::4, :5] = 0
-    return ids, mask
+def calibration():
+    return calibration_batch(12)
 
 
 

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import toolchain  # noqa: F401  (registers the Auto classes)
-from tiny_models import ARCHS, VOCAB, batch_with_left_padding, tiny_hf_model
+from tiny_models import ARCHS, VOCAB, batch_with_left_padding, calibration_batch, tiny_hf_model
 from toolchain.adapters import to_canonical
 from toolchain.compress.budget import NotSmallerError
 from toolchain.compress.slicegpt import SliceOptions, slice_model
@@ -19,12 +19,8 @@ SEQUENTIAL = [a for a in ARCHS if not to_canonical(tiny_hf_model(a)).config.para
 HUGE = 10**9  # a target every model meets at full width
 
 
-def calibration(n=16, seq=24, seed=3):
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, VOCAB, (n, seq), generator=gen)
-    mask = torch.ones_like(ids)
-    mask[::4, :5] = 0
-    return ids, mask
+def calibration():
+    return calibration_batch(16)
 
 
 def max_diff(a, b):

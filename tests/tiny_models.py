@@ -10,36 +10,39 @@ import transformers as tf
 
 VOCAB = 128
 
-CONFIGS = {
-    "llama": lambda: tf.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                    tie_word_embeddings=True),
-    "llama3": lambda: tf.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                     num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=128,
-                                     rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
-                                                      "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                                      "original_max_position_embeddings": 64}),
-    "mistral": lambda: tf.MistralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                        sliding_window=8, head_dim=16),
-    "qwen2": lambda: tf.Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                    tie_word_embeddings=True),
-    "opt": lambda: tf.OPTConfig(vocab_size=VOCAB, hidden_size=64, ffn_dim=96, num_hidden_layers=2,
-                                num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=64,
-                                pad_token_id=1, bos_token_id=2, eos_token_id=2),
-    "phi": lambda: tf.PhiConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                num_attention_heads=4, max_position_embeddings=128, partial_rotary_factor=0.5),
-    "phi3": lambda: tf.Phi3Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                  pad_token_id=0, bos_token_id=1, eos_token_id=2),
+SMALL = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             max_position_embeddings=128)
+CONFIGS = {  # (config class, fields)
+    "llama": (tf.LlamaConfig, SMALL | dict(num_key_value_heads=2, tie_word_embeddings=True)),
+    "llama3": (tf.LlamaConfig, SMALL | dict(num_key_value_heads=1, rope_parameters={
+        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 64})),
+    "mistral": (tf.MistralConfig, SMALL | dict(num_key_value_heads=2, sliding_window=8, head_dim=16)),
+    "qwen2": (tf.Qwen2Config, SMALL | dict(num_key_value_heads=2, tie_word_embeddings=True)),
+    "opt": (tf.OPTConfig, dict(vocab_size=VOCAB, hidden_size=64, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4,
+                               max_position_embeddings=128, word_embed_proj_dim=64, pad_token_id=1, bos_token_id=2,
+                               eos_token_id=2)),
+    "phi": (tf.PhiConfig, SMALL | dict(partial_rotary_factor=0.5)),
+    "phi3": (tf.Phi3Config, SMALL | dict(num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
 }
 ARCHS = list(CONFIGS)
+# A deeper, wider shape than CONFIGS: 3 layers, head_dim 32, 4 query / 2 KV heads where the architecture
+# has KV heads (OPT has none). Odd layer counts and GQA groups of 2 catch cache bugs 2 layers hide.
+WIDE = dict(num_hidden_layers=3, hidden_size=128, num_attention_heads=4, head_dim=32, num_key_value_heads=2,
+            intermediate_size=192, ffn_dim=192, word_embed_proj_dim=128)
 
 
-def tiny_hf_model(arch: str, seed: int = 0, dtype=torch.float32):
+def tiny_config(arch: str, **shape):
+    """The config of `arch`; `shape` overrides the fields that architecture has (e.g. WIDE)."""
+    cls, fields = CONFIGS[arch]
+    known = cls().to_dict()
+    return cls(**fields | {name: value for name, value in shape.items() if name in known})
+
+
+def tiny_hf_model(arch: str, seed: int = 0, dtype=torch.float32, **shape):
+    """A random model of `arch`; `shape` overrides config fields (those the config has, e.g. WIDE)."""
     torch.manual_seed(seed)
-    config = CONFIGS[arch]()
+    config = tiny_config(arch, **shape)
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         value = getattr(config, name, None)
         if isinstance(value, int) and value >= VOCAB:

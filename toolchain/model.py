@@ -14,6 +14,7 @@ so exported graphs contain the pattern runtimes fuse.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -325,6 +326,31 @@ class ListCache:
         return key, value
 
 
+# transformers up to 5.23 names the KV cache `past_key_values`; from 5.24 `generate` passes `cache=`
+# and reads `outputs.cache`. Both names are accepted; the output uses the installed version's field.
+OUTPUT_CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} \
+    else "past_key_values"
+_OTHER_CACHE_NAMES = ("cache_params", "layer_past", "past", "kv_cache", "mems", "state")
+
+
+def given_cache(cache, past_key_values, extra: dict):
+    """The one KV cache a caller passed, under either name. Anything that looks like a cache in a form
+    this model does not read is an error: starting a fresh cache instead would attend to one token
+    per step and still produce plausible text."""
+    if cache is not None and past_key_values is not None and cache is not past_key_values:
+        raise ValueError("two different KV caches were passed (cache= and past_key_values=); pass one")
+    found = cache if cache is not None else past_key_values
+    strays = [name for name, value in extra.items()
+              if name in _OTHER_CACHE_NAMES or isinstance(value, (Cache, ListCache))]
+    if strays:
+        raise TypeError(f"SlicedForCausalLM.forward got a KV cache as {', '.join(strays)}=; pass it as cache= "
+                        "(or past_key_values=)")
+    if found is not None and not isinstance(found, (Cache, ListCache)):
+        raise TypeError(f"unsupported KV cache type {type(found).__name__}; pass a transformers Cache such as "
+                        "DynamicCache (legacy tuples: DynamicCache(list_of_key_value_pairs))")
+    return found
+
+
 class SlicedPreTrainedModel(PreTrainedModel):
     config_class = SlicedConfig
     config: SlicedConfig
@@ -414,15 +440,17 @@ class SlicedForCausalLM(SlicedPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | ListCache | None = None,
+        cache: Cache | ListCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
+        past_key_values: Cache | ListCache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         batch, seq = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
         device = (input_ids if input_ids is not None else inputs_embeds).device
+        past_key_values = given_cache(cache, past_key_values, kwargs)
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
         if use_cache and past_key_values is None:
@@ -455,7 +483,7 @@ class SlicedForCausalLM(SlicedPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{OUTPUT_CACHE_FIELD: past_key_values})
 
 
 @dataclass(frozen=True)

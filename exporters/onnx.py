@@ -33,6 +33,7 @@ from runtime.loading import load_causal_lm, to_canonical_model
 from toolchain import __version__
 from toolchain.errors import InvalidOptionError
 from toolchain.fileio import atomic_dir, sha256_file, write_json
+from toolchain.finite import require_finite_model
 from toolchain.model import SlicedForCausalLM
 
 from . import onnx_graph, ort_fusion
@@ -83,6 +84,7 @@ def export_onnx(source: str | Path | nn.Module, out: str | Path, options: Export
     options = options or ExportOptions()
     _check_options(options)
     model, source_dir, source_name = _load(source)
+    require_finite_model(model, "model to export:")  # a NaN weight would export, run and "pass" a same-NaN parity check
     config = model.config
     weight_bytes = sum(p.numel() for p in model.parameters()) * (2 if options.dtype == "fp16" else 4)
     external = options.external_data or weight_bytes >= EXTERNAL_DATA_THRESHOLD

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from tiny_models import save_tiny_checkpoint
 from toolchain.cli import app
+from toolchain.fileio import sha256_file
 
 FAST = ["--nsamples", "4", "--seqlen", "32", "--no-bench"]
 
@@ -78,7 +79,9 @@ def test_quantize_and_deploy_in_one_build(built, checkpoint, tmp_path):
     sizes = report["sizes"]  # a tiny model is mostly fp32 embedding table: compare with the expected size
     assert report["quantization"]["mode"] == "int4" and sizes["ratio"] < 0.8
     assert abs(sizes["ratio"] / sizes["expected_ratio"] - 1) < 0.10, sizes
-    assert 0 <= report["parity"]["top1"] <= 1 and report["parity"]["ppl_quantized"] > 1
+    # int4 on random weights: most greedy tokens still agree, and perplexity moves but stays close
+    parity = report["parity"]
+    assert parity["top1"] >= 0.5 and abs(parity["ppl_quantized"] / parity["ppl_fp32"] - 1) < 0.5, parity
     assert "ptb" in report["parity"]["inputs"]  # parity on the calibration text, not random ids
     nodes = onnx.load(str(out / "deploy" / "model.onnx"), load_external_data=False).graph.node
     nbits = [n for n in nodes if n.op_type == "MatMulNBits"]
@@ -95,7 +98,15 @@ def test_quantize_and_deploy_in_one_build(built, checkpoint, tmp_path):
     assert (out / "deploy" / "llm" / "config.pbtxt").is_file() and (out / "deploy" / "llm" / "1" / "model.onnx").is_file()
 
 
-def test_rerun_skips_and_changed_option_redoes_only_later_stages(built, checkpoint):
+def copy_of(built: Path, tmp_path: Path) -> Path:
+    """A private copy of the module's build: tests that rebuild must not change what others read."""
+    out = tmp_path / "copy"
+    shutil.copytree(built, out)
+    return out
+
+
+def test_rerun_skips_and_changed_option_redoes_only_later_stages(built, checkpoint, tmp_path):
+    built = copy_of(built, tmp_path)
     before = manifest(built)
     result = run_cli("build", "--model", checkpoint, "--slice", "0.3", "--target", "onnx", "--out", built, "--json",
                      *FAST)
@@ -112,20 +123,23 @@ def test_rerun_skips_and_changed_option_redoes_only_later_stages(built, checkpoi
     assert manifest(built)["stages"]["export"]["options"] == {"dtype": "fp16"}
 
 
-def test_tampered_output_is_rebuilt(built, checkpoint):
+def test_tampered_output_is_rebuilt(built, checkpoint, tmp_path):
+    built = copy_of(built, tmp_path)
     parity = built / "reports/parity/parity.md"
     parity.write_text("tampered")
-    result = run_cli("build", "--model", checkpoint, "--slice", "0.3", "--target", "onnx", "--dtype", "fp16",
-                     "--out", built, "--json", *FAST)
+    result = run_cli("build", "--model", checkpoint, "--slice", "0.3", "--target", "onnx", "--out", built, "--json",
+                     *FAST)
+    assert result.exit_code == 0, result.output
     events = {e["stage"]: e["event"] for e in map(json.loads, result.stdout.splitlines()) if "stage" in e}
-    assert events["validate"] == "done" and events["export"] == "skip"
+    assert events == {"compress": "skip", "export": "skip", "validate": "done"}
     assert parity.read_text() != "tampered"
+    assert manifest(built)["stages"]["validate"]["outputs"]["parity.md"] == sha256_file(parity)
 
 
 def test_same_inputs_give_identical_bytes(built, checkpoint, tmp_path):
     out = tmp_path / "again"
-    result = run_cli("build", "--model", checkpoint, "--slice", "0.3", "--target", "onnx", "--dtype", "fp16",
-                     "--out", out, "--quiet", *FAST)
+    result = run_cli("build", "--model", checkpoint, "--slice", "0.3", "--target", "onnx", "--out", out, "--quiet",
+                     *FAST)
     assert result.exit_code == 0, result.output
     first, second = manifest(built)["stages"], manifest(out)["stages"]
     assert first["compress"]["outputs"] == second["compress"]["outputs"]
@@ -149,7 +163,7 @@ def test_in_memory_and_offloaded_activations_give_the_streamed_bytes(built, chec
 def test_killed_build_resumes_to_identical_outputs(checkpoint, built, tmp_path):
     out = tmp_path / "killed"
     command = [sys.executable, "-m", "toolchain.cli", "build", "--model", str(checkpoint), "--slice", "0.3",
-               "--target", "onnx", "--dtype", "fp16", "--out", str(out), "--quiet", *FAST]
+               "--target", "onnx", "--out", str(out), "--quiet", *FAST]
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 240
     try:
@@ -168,7 +182,7 @@ def test_killed_build_resumes_to_identical_outputs(checkpoint, built, tmp_path):
     assert manifest(out)["stages"]["export"]["status"] == "running"
     assert not (out / "onnx").exists(), "a killed stage must not leave an output under its final name"
 
-    result = run_cli(*command[3:-6], "--json", *FAST)
+    result = run_cli(*command[3:-len(FAST) - 1], "--json", *FAST)
     assert result.exit_code == 0, result.output
     events = {e["stage"]: e["event"] for e in map(json.loads, result.stdout.splitlines()) if "stage" in e}
     assert events == {"compress": "skip", "export": "done", "validate": "done"}
@@ -185,7 +199,16 @@ def test_inspect_prints_the_manifest(built):
     assert "compress" in result.output and "model.safetensors" in result.output
 
 
-# --- bad input: one clear line, non-zero exit, nothing half-written -------------------------------
+# --- bad input: one clear line, exit code 2, nothing half-written ---------------------------------
+
+
+def assert_one_error_line(result, fragment: str) -> None:
+    """The CLI's contract for a user mistake: exit code 2 and exactly one `error:` line naming it (after
+    the `> stage` line of the stage that found it, if any)."""
+    lines = [line for line in result.output.splitlines() if line.strip() and not line.startswith("> ")]
+    assert result.exit_code == 2, result.output
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert fragment.lower() in lines[0].lower(), result.output
 
 
 def _variant(checkpoint: Path, tmp: Path, name: str, edit) -> Path:
@@ -293,10 +316,7 @@ def test_bad_build_input(case, args, fragment, checkpoint, tmp_path):
         base[extra[i]] = extra[i + 1]
     out = tmp_path / "out"
     result = run_cli("build", *[x for pair in base.items() for x in pair], "--no-bench", "--out", out)
-    message = result.output
-    assert result.exit_code != 0, message
-    assert fragment.lower() in message.lower(), message
-    assert "Traceback" not in message
+    assert_one_error_line(result, fragment)
     assert not (out / "sliced").exists() and not (out / "onnx").exists()
 
 
@@ -339,7 +359,7 @@ def test_validate_rejects_corrupted_onnx(tmp_path):
     export.mkdir()
     (export / "model.onnx").write_bytes(b"\x08\x07 this is not protobuf")
     result = run_cli("validate", export, export)
-    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert_one_error_line(result, "model.onnx")
 
 
 def test_inspect_rejects_non_build(tmp_path):

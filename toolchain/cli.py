@@ -10,11 +10,36 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+import typer.core
 from rich.console import Console
+from rich.markup import escape
 
 from .errors import InvalidOptionError, ToolchainError
 
+class OneLineUsageErrors(typer.core.TyperGroup):
+    """Mistyped options and values of the wrong type print like every other user mistake: one
+    `error:` line and exit code 2 (click would print a usage block and a boxed message)."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except typer.TyperException as err:  # typer's (vendored) click errors: usage and parameter errors
+            ctx = getattr(err, "ctx", None)
+            if type(err).__name__ == "NoArgsIsHelpError" and ctx is not None:
+                typer.echo(ctx.get_help())
+            else:
+                where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+                typer.echo(f"error: {err.format_message()}{where}", err=True)
+            code = err.exit_code
+        except typer.Abort:
+            code = 1
+        if not standalone_mode:
+            return code
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  cls=OneLineUsageErrors,
                   help="Compress LLMs and ship them to ONNX Runtime / TensorRT with parity and latency reports.")
 console = Console(stderr=True)
 
@@ -27,7 +52,8 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except ToolchainError as err:
-            console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            message = " ".join(str(err).split())  # one line, even when a library's message spans several
+            console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
             raise typer.Exit(err.exit_code)
 
     return wrapper

@@ -40,3 +40,7 @@ class BackendUnavailableError(ToolchainError):
 
 class ArtifactError(ToolchainError):
     """A build artifact (ONNX file, build dir, report) is missing or corrupted."""
+
+
+class NonFiniteError(ToolchainError):
+    """NaN or Inf in source weights, in calibration statistics, or in a model about to be exported."""

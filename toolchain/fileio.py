@@ -84,3 +84,34 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+LOCK_FILE = ".build.lock"
+
+
+@contextlib.contextmanager
+def exclusive_dir(directory: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on `directory` for the block, or fail at once naming the holder.
+
+    flock is released by the kernel when its holder exits, however it exits, so a killed build never
+    blocks the next one; the pid written into the file only names the holder in the message.
+    """
+    import fcntl
+
+    path = Path(directory) / LOCK_FILE
+    handle = open(path, "a+")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise OutputPathError(f"{directory} is in use by another build (pid {holder}); wait for it to finish "
+                                  "or choose another --out") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        yield
+    finally:
+        handle.close()

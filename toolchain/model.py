@@ -234,6 +234,9 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(k, v, self.layer)
+            # a sliding-window cache (what generate builds for Mistral) keeps only the newest keys, all
+            # others being outside the window: the bias columns of the dropped keys go too
+            mask = mask[..., -k.shape[2]:]
         groups = self.heads // self.kv_heads
         if groups > 1:
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)

@@ -24,7 +24,7 @@ from typing import Callable
 
 from . import __version__
 from .errors import InvalidOptionError, OutputPathError, ToolchainError
-from .fileio import sha256_file, write_json
+from .fileio import LOCK_FILE, exclusive_dir, sha256_file, write_json
 
 
 class ParityError(ToolchainError):
@@ -310,17 +310,23 @@ def in_pipeline_order(records: dict) -> dict:
     return dict(sorted(records.items(), key=lambda item: order.index(item[0]) if item[0] in order else len(order)))
 
 
-def prepare_build_dir(build: Path, force: bool) -> None:
+def prepare_build_dir(build: Path) -> None:
     if build.exists() and not build.is_dir():
         raise OutputPathError(f"--out {build} is a file; choose a directory")
-    if build.is_dir() and any(build.iterdir()) and not (build / MANIFEST).exists():
+    if build.is_dir() and any(p.name != LOCK_FILE for p in build.iterdir()) and not (build / MANIFEST).exists():
         raise OutputPathError(f"--out {build} exists and is not a toolchain build; choose a new or empty directory")
-    if force and (build / MANIFEST).exists():
-        shutil.rmtree(build)
     try:
         build.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise OutputPathError(f"cannot create --out {build}: {err.strerror}; choose a writable location") from None
+
+
+def clear_build_dir(build: Path, force: bool) -> None:
+    """Under the build lock: --force empties the dir; temp dirs of a killed stage are removed."""
+    if force:
+        for entry in build.iterdir():
+            if entry.name != LOCK_FILE:
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
     for stale in build.rglob(".*.tmp-*"):  # leftovers of a killed stage: never mistaken for outputs
         shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
 
@@ -330,7 +336,13 @@ def build(options: BuildOptions, out: str | Path, force: bool = False,
     """Run (or resume) every stage the target needs. `on_stage(name, event)`: 'skip'|'start'|'done'."""
     options.validate()
     build_dir = Path(out)
-    prepare_build_dir(build_dir, force)
+    prepare_build_dir(build_dir)
+    with exclusive_dir(build_dir):  # one build per directory: a second one fails at once, this one untouched
+        clear_build_dir(build_dir, force)
+        return run_stages(build_dir, options, on_stage, progress)
+
+
+def run_stages(build_dir: Path, options: BuildOptions, on_stage, progress) -> dict:
     manifest = read_manifest(build_dir)
     manifest.update(schema=SCHEMA, toolchain_version=__version__, options=asdict(options))
     for stage in STAGES:

@@ -41,6 +41,7 @@ from torch import nn
 
 from .adapters.base import Adapter, TensorSource, embedding_state, head_state, layer_state
 from .compress.slicegpt import WeightStore
+from .finite import require_finite_weight
 from .model import SlicedForCausalLM
 
 SHARD_BYTES = 256 * 2**20  # output shard size: bounds the sliced tensors waiting to be written
@@ -84,6 +85,7 @@ class SafetensorsCheckpoint(TensorSource):
         name = self._alias.get(name, name)
         with safe_open(str(self._shard[name]), framework="pt") as handle:
             tensor = handle.get_tensor(name)
+        require_finite_weight(name, tensor, "source weight")
         self.tensors_read += 1
         self.bytes_read += tensor.numel() * tensor.element_size()
         return tensor

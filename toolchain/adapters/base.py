@@ -14,6 +14,7 @@ from transformers import PretrainedConfig
 
 from ..compress.rotation import row_blocks
 from ..errors import UnsupportedArchitectureError
+from ..finite import require_finite_weight
 from ..model import SlicedConfig, SlicedForCausalLM
 
 
@@ -99,7 +100,9 @@ class TensorSource:
         self.names = frozenset(tensors)
 
     def read(self, name: str) -> torch.Tensor:
-        return self._tensors[name]
+        tensor = self._tensors[name]
+        require_finite_weight(name, tensor, "source weight")
+        return tensor
 
 
 def _fold_norm(state, norm: str, readers: list[str], dtype: torch.dtype) -> bool:

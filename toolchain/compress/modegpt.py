@@ -34,7 +34,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..errors import DataError, InvalidOptionError
+from ..errors import InvalidOptionError
+from ..finite import require_finite_statistics
 from ..model import SlicedForCausalLM, _carry, attention_bias
 from .rotation import _set_weight
 from .slicegpt import SliceOptions, slice_model
@@ -241,8 +242,7 @@ def correlation(batches, masks, with_ones: bool = False) -> torch.Tensor:
         part = tokens.T @ tokens
         total = part if total is None else total + part
         count += len(tokens)
-    if not torch.isfinite(total).all():
-        raise DataError("calibration activations are not finite (fp16 overflow?); calibrate in float32")
+    require_finite_statistics(total, "a block's module inputs", batches if isinstance(batches, list) else None, masks)
     return total / max(count, 1)
 
 

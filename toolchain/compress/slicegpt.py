@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InvalidOptionError
+from ..finite import count_non_finite, require_finite_statistics
 from ..model import SlicedForCausalLM, attention_bias
 from . import budget, rotation
 
@@ -170,7 +171,7 @@ def principal_basis(covariance: torch.Tensor, damping: float) -> torch.Tensor:
     return eigenvectors[:, torch.argsort(eigenvalues, descending=True)]
 
 
-def covariance(batches, masks: list[torch.Tensor]) -> torch.Tensor:
+def covariance(batches, masks: list[torch.Tensor], what: str = "a residual position") -> torch.Tensor:
     """Σ x xᵀ over the non-padding tokens, accumulated in float64 (`batches`: any iterable)."""
     total = None
     for x, mask in zip(batches, masks):
@@ -178,6 +179,8 @@ def covariance(batches, masks: list[torch.Tensor]) -> torch.Tensor:
         if total is None:
             total = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float64, device=x.device)
         total += tokens.T @ tokens
+    if total is not None and count_non_finite(total):
+        require_finite_statistics(total, what, batches if hasattr(batches, "__getitem__") else None, masks)
     return total
 
 
@@ -251,6 +254,10 @@ def dense_statistics(model: SlicedForCausalLM, input_ids, attention_mask, option
         weights.close_head(model, write=False)
     finally:
         cal.residuals.close()
+    for position, cov in enumerate(covs):
+        require_finite_statistics(cov, f"dense residual position {position}")
+    if head is not None:
+        require_finite_statistics(head, "the head input")
     return DenseStats(covs, head)
 
 
@@ -438,11 +445,11 @@ def _group_basis(model, options, cal: _Calibration, stats: DenseStats | None, gr
     if options.share == "all":  # every member measured once on the dense model
         covs = [stats.covariances[p] for p in members]
     else:  # sequential: the residual entering the group, from the already-sliced model
-        covs = [covariance(cal.residuals, cal.masks)]
+        covs = [covariance(cal.residuals, cal.masks, f"residual position {position}")]
         if len(members) > 1:  # the layer's MLP position: same residual after the dense attention
             eye = torch.eye(hidden, dtype=torch.float64, device=device)
             after = (_next_residual(model, position, cal.residuals[b], eye, *cal.batch(b)[1:]) for b in range(len(cal)))
-            covs.append(covariance(after, cal.masks))
+            covs.append(covariance(after, cal.masks, f"residual position {position + 1}"))
     if 0 in members and joint_tie(model, options):
         covs.append(stats.head)
     return principal_basis(normalised_sum(covs), options.damping)

@@ -33,7 +33,7 @@ def llama_shaped(hidden=768, layers=12, heads=12, kv_heads=12, inner=2048, vocab
     import torch
     import transformers as tf
 
-    from toolchain.adapters import to_canonical
+    from toolchain.model.adapters import to_canonical
 
     torch.manual_seed(seed)
     config = tf.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inner, num_hidden_layers=layers,

@@ -21,10 +21,10 @@ import numpy as np
 import torch
 
 from common import llama_shaped, machine_info, peak_rss_mb, write_results
-from exporters import ExportOptions, export_onnx
+from exporters.onnx import ExportOptions, export_onnx
 from runtime.sessions import OrtSession, Session, TorchSession
 from toolchain.compress.slicegpt import SliceOptions, slice_model
-from toolchain.model import count_parameters
+from toolchain.model.modeling import count_parameters
 
 
 def time_generation(session: Session, prompt: np.ndarray, decode_steps: int) -> tuple[float, float]:

@@ -26,12 +26,12 @@ from pathlib import Path
 import torch
 
 from common import RESULTS, llama_shaped
-from runtime import bench_plots, latency
+from toolchain.analysis import bench_plots, latency
 from runtime.latency import BenchConfig, measure_session, model_cost
 from runtime.sessions import OrtSession, TorchSession
 from toolchain.compress.slicegpt import SliceOptions, slice_model, uniform_widths
-from toolchain.fileio import atomic_file, write_json, write_text
-from toolchain.model import SlicedForCausalLM
+from toolchain.core.fileio import atomic_file, write_json, write_text
+from toolchain.model.modeling import SlicedForCausalLM
 
 SCHEMA = "toolchain.latency_suite/1"
 SHAPES = {  # llama_shaped() arguments

@@ -50,7 +50,7 @@ def _log(*args):
 
 
 def hf_dir() -> Path:
-    from toolchain.sources import resolve_model
+    from toolchain.data.sources import resolve_model
 
     return resolve_model(MODEL).path
 
@@ -67,7 +67,7 @@ def genai_build(work: Path, precision: str) -> Path:
 
 
 def sliced_dir(work: Path, fraction: float) -> Path:
-    from toolchain.compressing import CompressOptions, compress_to_dir
+    from toolchain.compress.stage import CompressOptions, compress_to_dir
 
     out = work / f"sliced-{fraction}"
     if not (out / "config.json").is_file():
@@ -79,15 +79,15 @@ def sliced_dir(work: Path, fraction: float) -> Path:
 
 
 def dense_model():
-    from toolchain.adapters import to_canonical
-    from toolchain.sources import load_hf_model, resolve_model
+    from toolchain.model.adapters import to_canonical
+    from toolchain.data.sources import load_hf_model, resolve_model
 
     hf, tokenizer = load_hf_model(resolve_model(MODEL))
     return to_canonical(hf, source_model=MODEL).eval(), tokenizer
 
 
 def our_export(work: Path, name: str, source) -> Path:
-    from exporters import ExportOptions, export_onnx
+    from exporters.onnx import ExportOptions, export_onnx
 
     out = work / f"ours-{name}-fp32"
     if not (out / "export_config.json").is_file():

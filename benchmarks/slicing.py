@@ -13,7 +13,7 @@ import torch
 
 from common import llama_shaped, machine_info, peak_rss_mb, write_results
 from toolchain.compress.slicegpt import SliceOptions, slice_model
-from toolchain.model import count_parameters
+from toolchain.model.modeling import count_parameters
 
 
 def main() -> None:

@@ -4,7 +4,7 @@
 
 Builds (once) a Llama-shaped checkpoint with random weights saved as fp16 safetensors shards (hidden 2048,
 18 layers, MLP 5632, vocab 32000: 1.06B parameters) plus a small BPE tokenizer trained on PTB, outside
-the repo. Then, each in a fresh subprocess, `toolchain.compressing.compress_to_dir` slices it at 0.25
+the repo. Then, each in a fresh subprocess, `toolchain.compress.stage.compress_to_dir` slices it at 0.25
 with PTB calibration, once streamed (the default) and once in memory (`stream=False`, skipped when the
 machine's available memory is below a conservative estimate of its need). The child reports its own
 peak RSS (getrusage ru_maxrss, which counts mapped file pages too) and wall time. Target (issue 6):
@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from common import RESULTS, machine_info, write_results
-from toolchain.streaming import SHARD_BYTES
+from toolchain.compress.streaming import SHARD_BYTES
 
 TARGET_RATIO = 1.3
 SHAPE = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=18,
@@ -109,7 +109,7 @@ CHILD = r"""
 import json, resource, sys, time
 sys.path.insert(0, {root!r})
 import torch
-from toolchain.compressing import CompressOptions, compress_to_dir
+from toolchain.compress.stage import CompressOptions, compress_to_dir
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 start = time.perf_counter()
 result = compress_to_dir(CompressOptions(model={model!r}, slice={slice}, nsamples={nsamples}, seqlen={seqlen},

@@ -38,13 +38,13 @@ from pathlib import Path
 import torch
 
 from common import RESULTS, machine_info, write_results
-from toolchain.adapters import to_canonical
+from toolchain.model.adapters import to_canonical
 from toolchain.compress.modegpt import ModegptOptions, block_parameters_total, modegpt_model
 from toolchain.compress.slicegpt import SliceOptions, slice_model
-from toolchain.data import eval_windows, load_text, token_windows
-from toolchain.evaluate import perplexity
-from toolchain.model import count_parameters
-from toolchain.sources import load_hf_model, resolve_model
+from toolchain.data.text import eval_windows, load_text, token_windows
+from runtime.evaluate import perplexity
+from toolchain.model.modeling import count_parameters
+from toolchain.data.sources import load_hf_model, resolve_model
 
 # name -> (keep_tie, SliceOptions kwargs; "target_ratio" is a fraction of the dense tied total, "match" the name
 # of a measured row whose total is the target; "method" selects MoDeGPT, see compress()); None: dense

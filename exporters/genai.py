@@ -37,10 +37,10 @@ from pathlib import Path
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from toolchain.errors import ArtifactError, BackendUnavailableError, InvalidOptionError
-from toolchain.fileio import atomic_dir, atomic_file, write_json
+from toolchain.core.errors import ArtifactError, BackendUnavailableError, InvalidOptionError
+from toolchain.core.fileio import atomic_dir, atomic_file, write_json
 
-from .onnx import MODEL_FILE, TOKENIZER_FILES
+from exporters.onnx import MODEL_FILE, TOKENIZER_FILES
 
 GENAI_CONFIG = "genai_config.json"
 PADDED_MODEL_FILE = "model.genai.onnx"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from toolchain.model import ListCache, SlicedForCausalLM
+from toolchain.model.modeling import ListCache, SlicedForCausalLM
 
 BATCH, SEQ, PAST, TOTAL = "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length"
 

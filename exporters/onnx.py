@@ -31,13 +31,13 @@ from torch import nn
 
 from runtime.loading import load_causal_lm, to_canonical_model
 from toolchain import __version__
-from toolchain.errors import InvalidOptionError
-from toolchain.fileio import atomic_dir, sha256_file, write_json
-from toolchain.finite import require_finite_model
-from toolchain.model import SlicedForCausalLM
+from toolchain.core.errors import InvalidOptionError
+from toolchain.core.fileio import atomic_dir, sha256_file, write_json
+from toolchain.model.finite import require_finite_model
+from toolchain.model.modeling import SlicedForCausalLM
 
-from . import onnx_graph, ort_fusion
-from .kv_wrapper import (BATCH, PAST, SEQ, TOTAL, KVCacheWrapper, dynamic_axes, dynamic_shapes, example_inputs,
+from exporters import onnx_graph, ort_fusion
+from exporters.kv_wrapper import (BATCH, PAST, SEQ, TOTAL, KVCacheWrapper, dynamic_axes, dynamic_shapes, example_inputs,
                          input_names, kv_head_dims, output_names)
 
 DTYPES = ("fp32", "fp16")

@@ -37,9 +37,9 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from toolchain.model import SlicedForCausalLM, rope_inverse_frequencies
+from toolchain.model.modeling import SlicedForCausalLM, rope_inverse_frequencies
 
-from .kv_wrapper import BATCH, PAST, SEQ, TOTAL, input_names, kv_head_dims, output_names
+from exporters.kv_wrapper import BATCH, PAST, SEQ, TOTAL, input_names, kv_head_dims, output_names
 
 MS = "com.microsoft"
 # hidden_act → (op, domain, attributes); SiLU is QuickGelu with alpha 1: x·sigmoid(1·x)

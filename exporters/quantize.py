@@ -38,13 +38,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from toolchain.errors import ArtifactError, InvalidOptionError
+from toolchain.core.errors import ArtifactError, InvalidOptionError
 
-from .genai import _export_dir
-from toolchain.fileio import atomic_dir, write_json
+from exporters.genai import _export_dir
+from toolchain.core.fileio import atomic_dir, write_json
 
-from . import onnx_graph
-from .onnx import EXTERNAL_DATA_THRESHOLD, MODEL_FILE, TOKENIZER_FILES
+from exporters import onnx_graph
+from exporters.onnx import EXTERNAL_DATA_THRESHOLD, MODEL_FILE, TOKENIZER_FILES
 
 MODES = ("int4", "int8")
 ALGORITHMS = ("minmax", "hqq")
@@ -286,7 +286,7 @@ def quantization_parity(reference: str | Path, candidate: str | Path, eval_text:
                         windows: int = 4, seqlen: int = 256) -> dict:
     """Quantized vs fp32 graph: top-1 agreement (share of positions with the same argmax), top-5 overlap,
     logits cosine; with eval_text also the perplexity of both (same windows, same protocol as
-    toolchain.evaluate.perplexity: exp(mean NLL) over every scored token)."""
+    runtime.evaluate.perplexity: exp(mean NLL) over every scored token)."""
     from runtime.sessions import OrtSession
 
     ref, cand = OrtSession(reference, name="ort-fp32"), OrtSession(candidate, name="ort-quantized")
@@ -301,8 +301,8 @@ def quantization_parity(reference: str | Path, candidate: str | Path, eval_text:
                 **_agreement(*rows)}
     from transformers import AutoTokenizer
 
-    from toolchain.data import eval_windows as make_windows
-    from toolchain.data import load_text
+    from toolchain.data.text import eval_windows as make_windows
+    from toolchain.data.text import load_text
 
     tokenizer = AutoTokenizer.from_pretrained(str(_export_dir(reference)))
     data = make_windows(tokenizer, load_text(eval_text, "test"), seqlen=seqlen, max_windows=windows)

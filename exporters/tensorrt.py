@@ -34,12 +34,12 @@ import onnx
 import typer
 
 from toolchain import __version__
-from toolchain.errors import ArtifactError, BackendUnavailableError, InvalidOptionError, ToolchainError
-from toolchain.fileio import atomic_dir, atomic_file, sha256_file, write_json, write_text
+from toolchain.core.errors import ArtifactError, BackendUnavailableError, InvalidOptionError, ToolchainError
+from toolchain.core.fileio import atomic_dir, atomic_file, sha256_file, write_json, write_text
 
-from . import onnx_graph, trt_ops
-from .kv_wrapper import BATCH, PAST, SEQ, TOTAL
-from .onnx import MODEL_FILE, TOKENIZER_FILES, ExportOptions, export_onnx
+from exporters import onnx_graph, trt_ops
+from exporters.kv_wrapper import BATCH, PAST, SEQ, TOTAL
+from exporters.onnx import MODEL_FILE, TOKENIZER_FILES, ExportOptions, export_onnx
 
 BUILD_CONFIG = "trt_build.json"
 COMPAT_REPORT = "compat_report.json"

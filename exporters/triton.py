@@ -26,11 +26,11 @@ from pathlib import Path
 
 import onnx
 
-from toolchain.errors import ArtifactError, BackendUnavailableError, InvalidOptionError
-from toolchain.fileio import atomic_dir, write_text
+from toolchain.core.errors import ArtifactError, BackendUnavailableError, InvalidOptionError
+from toolchain.core.fileio import atomic_dir, write_text
 
-from .kv_wrapper import BATCH
-from .onnx import MODEL_FILE
+from exporters.kv_wrapper import BATCH
+from exporters.onnx import MODEL_FILE
 
 BACKENDS = ("onnxruntime", "tensorrt")
 CONFIG_FILE = "config.pbtxt"

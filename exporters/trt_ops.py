@@ -20,7 +20,7 @@ from pathlib import Path
 import onnx
 from onnx import TensorProto
 
-from .kv_wrapper import PAST, SEQ, TOTAL
+from exporters.kv_wrapper import PAST, SEQ, TOTAL
 
 TARGET = "10.15"
 SOURCE = "onnx/onnx-tensorrt docs/operators.md (TensorRT 10.15 GA)"

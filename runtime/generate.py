@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .sessions import Session
+from runtime.sessions import Session
 
 
 def positions_from_mask(attention_mask: np.ndarray) -> np.ndarray:

@@ -4,7 +4,7 @@ every available backend and puts the ideal (bytes and FLOPs ratios) beside the m
 
 Output files (one atomic dir): latency.json, latency.md, prefill_latency.png, decode_throughput.png,
 ideal_vs_measured.png.
-The JSON's top level doubles as the bench schema of `runtime.roofline.fit_efficiency` (gpu, dtype,
+The JSON's top level doubles as the bench schema of `toolchain.analysis.roofline.fit_efficiency` (gpu, dtype,
 n_gpus, results[phase, measured_ms, batch, tokens, context, dtype, model]), so a GPU run can be fed to
 `toolchain plan --calibrate`.
 """
@@ -25,9 +25,10 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from toolchain.errors import ArtifactError, InvalidOptionError, OutputPathError, ToolchainError
+from toolchain.core.errors import ArtifactError, InvalidOptionError, OutputPathError, ToolchainError
+from toolchain.core.versions import library_versions
 
-from .sessions import OrtSession, Session, TorchSession, provider_name
+from runtime.sessions import OrtSession, Session, TorchSession, provider_name
 
 SCHEMA = "toolchain.latency/1"
 DEFAULT_PROMPTS = (128, 512, 2048)
@@ -452,12 +453,6 @@ def _load() -> list[float] | None:
         return None
 
 
-def versions() -> dict:
-    from toolchain.pipeline import library_versions
-
-    return library_versions()
-
-
 # --- reports ------------------------------------------------------------------------------------
 
 
@@ -519,9 +514,9 @@ def render_markdown(data: dict, title: str = "Latency") -> str:
 
 def write_report(data: dict, out_dir: str | Path, title: str = "Latency") -> dict[str, Path]:
     """latency.json, latency.md and the PNG plots, published together (atomic dir)."""
-    from toolchain.fileio import atomic_dir, write_json, write_text
+    from toolchain.core.fileio import atomic_dir, write_json, write_text
 
-    from . import bench_plots
+    from toolchain.analysis import bench_plots
 
     out_dir = Path(out_dir)
     if out_dir.is_file() or (out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / JSON_FILE).is_file()):
@@ -543,7 +538,7 @@ def new_report(build: str | None, provider: str, dtype: str, config: BenchConfig
     gpu = torch.cuda.get_device_name() if provider != "cpu" and torch.cuda.is_available() else None
     return {"schema": SCHEMA, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "build": build, "provider": provider, "gpu": gpu, "dtype": dtype, "n_gpus": 1,
-            "machine": machine_info(), "versions": versions(), "config": asdict(config), "models": {},
+            "machine": machine_info(), "versions": library_versions(), "config": asdict(config), "models": {},
             "results": [], "comparisons": [], "skipped": []}
 
 
@@ -719,7 +714,7 @@ def _build_backends(build: Path, layout: dict, provider: str, dense: bool, torch
     holder: dict = {}
 
     def load_sliced():
-        from .loading import load_causal_lm
+        from runtime.loading import load_causal_lm
 
         model, _ = load_causal_lm(build / "sliced")
         holder["sliced"] = model.to(device)
@@ -731,7 +726,7 @@ def _build_backends(build: Path, layout: dict, provider: str, dense: bool, torch
             if "sliced" in holder:
                 holder["sliced_cost"] = model_cost(holder["sliced"])
             else:
-                from .loading import load_causal_lm
+                from runtime.loading import load_causal_lm
 
                 holder["sliced_cost"] = model_cost(load_causal_lm(build / "sliced")[0])
         return holder["sliced_cost"]
@@ -796,8 +791,8 @@ def _build_backends(build: Path, layout: dict, provider: str, dense: bool, torch
 
 def load_dense_model(build: Path):
     """The build's source model, mapped onto the canonical model the same way compress did."""
-    from toolchain.adapters import to_canonical
-    from toolchain.sources import load_hf_model, resolve_model
+    from toolchain.model.adapters import to_canonical
+    from toolchain.data.sources import load_hf_model, resolve_model
 
     report_path = build / "sliced" / "compression_report.json"
     report = json.loads(report_path.read_text()) if report_path.is_file() else {}
@@ -825,7 +820,7 @@ def _trt_backend(build: Path, skipped: list) -> Backend | None:
     try:
         import tensorrt  # noqa: F401
 
-        from .trt_session import open_trt_session
+        from runtime.trt_session import open_trt_session
     except ImportError as err:
         skipped.append({"backend": "tensorrt", "variant": "sliced", "reason": f"TensorRT is not importable ({err})"})
         return None

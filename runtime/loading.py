@@ -1,5 +1,5 @@
 """Load a causal LM for running or exporting: a saved canonical (sliced) model, an HF checkpoint dir,
-or a hub id, resolved by `toolchain.sources` (safetensors only, no remote code)."""
+or a hub id, resolved by `toolchain.data.sources` (safetensors only, no remote code)."""
 
 from __future__ import annotations
 
@@ -7,16 +7,16 @@ from pathlib import Path
 
 import torch
 
-from toolchain.errors import ArtifactError, ModelNotFoundError
-from toolchain.model import SlicedForCausalLM
+from toolchain.core.errors import ArtifactError, ModelNotFoundError
+from toolchain.model.modeling import SlicedForCausalLM
 
 
 def load_causal_lm(spec: str | Path, dtype: torch.dtype = torch.float32):
     """(model in eval mode, local checkpoint dir). Tokenizer files are optional here."""
     from transformers import AutoModelForCausalLM
 
-    import toolchain  # noqa: F401  (registers the canonical model with the Auto classes)
-    from toolchain.sources import resolve_model
+    import toolchain.model  # noqa: F401  (registers the canonical model with the Auto classes)
+    from toolchain.data.sources import resolve_model
 
     path = Path(spec).expanduser()
     if path.is_dir() and any(path.glob("*.onnx")) and not any(path.glob("*.safetensors")):
@@ -36,6 +36,6 @@ def to_canonical_model(model, source: str | None = None) -> SlicedForCausalLM:
     """The canonical model as is; any supported HF architecture mapped onto it (no slicing)."""
     if isinstance(model, SlicedForCausalLM):
         return model.eval()
-    from toolchain.adapters import to_canonical
+    from toolchain.model.adapters import to_canonical
 
     return to_canonical(model, source_model=source, dtype=torch.float32).eval()

@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .generate import positions_from_mask
-from .sessions import Past, Session
+from runtime.generate import positions_from_mask
+from runtime.sessions import Past, Session
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from toolchain.errors import ArtifactError, BackendUnavailableError, InvalidOptionError
+from toolchain.core.errors import ArtifactError, BackendUnavailableError, InvalidOptionError
 
 Past = list[tuple[np.ndarray, np.ndarray]]
 
@@ -57,7 +57,7 @@ class TorchSession(Session):
     def __init__(self, model, name: str = "torch"):
         import torch
 
-        from toolchain.model import SlicedForCausalLM
+        from toolchain.model.modeling import SlicedForCausalLM
 
         self.model, self.name = model.eval(), name
         self.canonical = isinstance(model, SlicedForCausalLM)
@@ -81,7 +81,7 @@ class TorchSession(Session):
         kv = [(tensor(k).to(self.dtype), tensor(v).to(self.dtype)) for k, v in past]
         with torch.inference_mode():
             if self.canonical:
-                from toolchain.model import ListCache
+                from toolchain.model.modeling import ListCache
 
                 cache = ListCache(kv)
             else:
@@ -262,7 +262,7 @@ def open_session(path: str | Path, provider: str = "cpu", dtype: str = "fp32", n
         return OrtSession(path, provider, name=name)
     import torch
 
-    from .loading import load_causal_lm
+    from runtime.loading import load_causal_lm
 
     if provider != "cpu":
         provider_name(provider)  # reject unknown names the same way

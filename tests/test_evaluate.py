@@ -11,9 +11,9 @@ from test_data import word_tokenizer
 from test_sources import tiny_llama
 from typer.testing import CliRunner
 
-from toolchain.data import Windows, eval_windows, pad_batch
-from toolchain.errors import BackendUnavailableError, DataError, InvalidOptionError
-from toolchain.evaluate import perplexity, report_markdown, write_report, zero_shot
+from toolchain.data.text import Windows, eval_windows, pad_batch
+from toolchain.core.errors import BackendUnavailableError, DataError, InvalidOptionError
+from runtime.evaluate import perplexity, report_markdown, write_report, zero_shot
 
 
 
@@ -126,7 +126,7 @@ def model_dir(tmp_path, model, tokenizer):
 
 
 def test_eval_command_on_build_dir(model_dir, tmp_path, model, tokenizer):
-    from toolchain.cli import app
+    from toolchain.app.cli import app
 
     out = tmp_path / "report"
     args = ["eval", str(model_dir), "--ppl", str(tmp_path / "text.txt"), "--seqlen", "32", "--out", str(out)]
@@ -140,7 +140,7 @@ def test_eval_command_on_build_dir(model_dir, tmp_path, model, tokenizer):
 
 
 def test_eval_command_user_errors(model_dir):
-    from toolchain.cli import app
+    from toolchain.app.cli import app
 
     result = CliRunner().invoke(app, ["eval", str(model_dir), "--ppl", "nonsense-set", "--seqlen", "32"])
     assert result.exit_code == 2

@@ -17,14 +17,14 @@ import numpy as np
 import pytest
 import torch
 
-from exporters import ExportOptions, export_onnx
+from exporters.onnx import ExportOptions, export_onnx
 from exporters.genai import GENAI_CONFIG, export_genai, genai_generate, load_genai_model
 from runtime.generate import greedy_generate
 from runtime.sessions import OrtSession
 from tiny_models import ARCHS, VOCAB, WIDE, tiny_hf_model, tiny_tokenizer
-from toolchain.adapters import to_canonical
+from toolchain.model.adapters import to_canonical
 from toolchain.compress.slicegpt import SliceOptions, slice_model
-from toolchain.model import OUTPUT_CACHE_FIELD, given_cache
+from toolchain.model.modeling import OUTPUT_CACHE_FIELD, given_cache
 
 NEW_TOKENS = 32
 PAD = 0

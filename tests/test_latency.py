@@ -17,10 +17,10 @@ from runtime import latency, roofline
 from runtime.latency import BenchConfig, bench_build, measure_session, model_cost
 from runtime.sessions import TorchSession
 from tiny_models import VOCAB, save_tiny_checkpoint, tiny_hf_model
-from toolchain.adapters import to_canonical
-from toolchain.cli import app
+from toolchain.model.adapters import to_canonical
+from toolchain.app.cli import app
 from toolchain.compress.slicegpt import SliceOptions, slice_model
-from toolchain.errors import ArtifactError, InvalidOptionError
+from toolchain.core.errors import ArtifactError, InvalidOptionError
 
 SMALL = dict(prompts="8,16", batches="1,2", steps=4, warmup=1, repeats=2, context=8, threads=1)
 
@@ -35,7 +35,7 @@ def sliced_tiny(source: str | None = None, fraction: float = 0.3):
 def build(tmp_path_factory) -> Path:
     """A build dir as `toolchain build` lays it out: sliced/ (+ compression report naming the source
     checkpoint) and onnx/."""
-    from exporters import ExportOptions, export_onnx
+    from exporters.onnx import ExportOptions, export_onnx
 
     root = tmp_path_factory.mktemp("latency")
     source = save_tiny_checkpoint("llama", root / "source")

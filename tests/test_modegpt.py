@@ -8,13 +8,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import toolchain  # noqa: F401  (registers the Auto classes)
+import toolchain.model  # noqa: F401  (registers the canonical model with the Auto classes)
 from tiny_models import ARCHS, VOCAB, batch_with_left_padding, calibration_batch, logits, masked_max_diff, tiny_hf_model
-from toolchain.adapters import to_canonical
+from toolchain.model.adapters import to_canonical
 from toolchain.compress import modegpt as mg
 from toolchain.compress.slicegpt import SliceOptions
-from toolchain.errors import InvalidOptionError
-from toolchain.model import count_parameters
+from toolchain.core.errors import InvalidOptionError
+from toolchain.model.modeling import count_parameters
 
 
 def calibration():

@@ -7,11 +7,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import toolchain  # noqa: F401  (registers the Auto classes)
+import toolchain.model  # noqa: F401  (registers the canonical model with the Auto classes)
 from tiny_models import ARCHS, VOCAB, batch_with_left_padding, logits, masked_max_diff, tiny_hf_model
-from toolchain.adapters import to_canonical
+from toolchain.model.adapters import to_canonical
 from toolchain.compress.slicegpt import SliceOptions, slice_model
-from toolchain.model import count_parameters
+from toolchain.model.modeling import count_parameters
 
 
 def calibration(n=16, seq=24, seed=3):

@@ -12,12 +12,12 @@ import pytest
 from typer.testing import CliRunner
 
 from export_cases import build_dir, export_root, exported, sliced_model
-from exporters import ExportOptions, export_onnx
+from exporters.onnx import ExportOptions, export_onnx
 from runtime.parity import check_parity
 from runtime.sessions import OrtSession, TorchSession
 from tiny_models import ARCHS, VOCAB
-from toolchain.cli import app
-from toolchain.errors import OutputPathError
+from toolchain.app.cli import app
+from toolchain.core.errors import OutputPathError
 
 
 @pytest.fixture(scope="module")

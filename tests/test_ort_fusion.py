@@ -11,16 +11,16 @@ import onnx
 import pytest
 
 from export_cases import sliced_model
-from exporters import ExportOptions, export_onnx
+from exporters.onnx import ExportOptions, export_onnx
 from exporters import ort_fusion
 from exporters.onnx import choose_graph
 from runtime.generate import greedy_generate
 from runtime.parity import check_parity, make_inputs, run_steps
 from runtime.sessions import OrtSession, TorchSession
 from tiny_models import ARCHS, VOCAB, tiny_hf_model
-from toolchain.adapters import to_canonical
-from toolchain.errors import InvalidOptionError
-from toolchain.model import SlicedConfig, SlicedForCausalLM
+from toolchain.model.adapters import to_canonical
+from toolchain.core.errors import InvalidOptionError
+from toolchain.model.modeling import SlicedConfig, SlicedForCausalLM
 
 FAST_ARCHS = [a for a in ARCHS if a != "mistral"]  # mistral's sliding window falls back (tested below)
 
@@ -152,7 +152,7 @@ def test_unknown_optimize_value_is_refused(tmp_path):
 @pytest.mark.slow
 def test_smollm2_fast_export_greedy_equals_torch(tmp_path):
     """SmolLM2-135M dense: 64 greedy tokens of the fp32 fast export equal eager torch's."""
-    from toolchain.sources import load_hf_model, resolve_model
+    from toolchain.data.sources import load_hf_model, resolve_model
 
     hf, _ = load_hf_model(resolve_model("smollm2-135m"))
     model = to_canonical(hf, source_model="smollm2-135m").eval()

@@ -18,8 +18,8 @@ from runtime.generate import greedy_generate, positions_from_mask
 from runtime.parity import TOLERANCES, check_parity, compare, make_inputs, run_steps, to_markdown
 from runtime.sessions import OrtSession, TorchSession
 from tiny_models import ARCHS, VOCAB, tiny_hf_model
-from toolchain.cli import app
-from toolchain.errors import BackendUnavailableError, InvalidOptionError
+from toolchain.app.cli import app
+from toolchain.core.errors import BackendUnavailableError, InvalidOptionError
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,7 @@ def test_greedy_generation_through_ort_equals_torch(arch, root):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_torch_session_runs_plain_hf_models(arch):
     """TorchSession over the HF model (DynamicCache) and over its canonical twin agree step by step."""
-    from toolchain.adapters import to_canonical
+    from toolchain.model.adapters import to_canonical
 
     hf = tiny_hf_model(arch)
     report = check_parity(TorchSession(to_canonical(tiny_hf_model(arch))), TorchSession(hf, "hf"), "fp32",

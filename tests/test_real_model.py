@@ -11,11 +11,11 @@ import copy
 import pytest
 import torch
 
-from toolchain.adapters import to_canonical
+from toolchain.model.adapters import to_canonical
 from toolchain.compress.slicegpt import SliceOptions, slice_model
-from toolchain.data import eval_windows, load_text, token_windows
-from toolchain.evaluate import perplexity
-from toolchain.sources import load_hf_model, resolve_model
+from toolchain.data.text import eval_windows, load_text, token_windows
+from runtime.evaluate import perplexity
+from toolchain.data.sources import load_hf_model, resolve_model
 
 
 @pytest.fixture(scope="module")

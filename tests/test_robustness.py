@@ -18,10 +18,10 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from tiny_models import VOCAB, save_tiny_checkpoint, tiny_hf_model
-from toolchain.cli import app
+from toolchain.app.cli import app
 from toolchain.compress.slicegpt import covariance
-from toolchain.errors import NonFiniteError
-from toolchain.fileio import LOCK_FILE
+from toolchain.core.errors import NonFiniteError
+from toolchain.core.fileio import LOCK_FILE
 
 FAST = ["--nsamples", "4", "--seqlen", "32"]
 
@@ -90,8 +90,8 @@ def test_covariance_names_the_first_bad_batch():
 
 
 def test_export_refuses_a_model_with_nan(tmp_path):
-    from exporters import ExportOptions, export_onnx
-    from toolchain.adapters import to_canonical
+    from exporters.onnx import ExportOptions, export_onnx
+    from toolchain.model.adapters import to_canonical
 
     model = to_canonical(tiny_hf_model("llama"))
     with torch.no_grad():
@@ -103,7 +103,7 @@ def test_export_refuses_a_model_with_nan(tmp_path):
 
 def test_a_second_build_on_the_same_dir_fails_at_once(checkpoint, tmp_path):
     out = tmp_path / "build"
-    command = [sys.executable, "-m", "toolchain.cli", "build", "--model", str(checkpoint), "--slice", "0.3",
+    command = [sys.executable, "-m", "toolchain.app.cli", "build", "--model", str(checkpoint), "--slice", "0.3",
                "--target", "onnx", "--no-bench", "--quiet", "--out", str(out), *FAST]
     first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -129,7 +129,7 @@ def test_a_second_build_on_the_same_dir_fails_at_once(checkpoint, tmp_path):
 
 def test_a_lock_left_by_a_killed_build_does_not_block(checkpoint, tmp_path):
     out = tmp_path / "build"
-    command = [sys.executable, "-m", "toolchain.cli", "build", "--model", str(checkpoint), "--slice", "0.3",
+    command = [sys.executable, "-m", "toolchain.app.cli", "build", "--model", str(checkpoint), "--slice", "0.3",
                "--target", "torch", "--out", str(out), *FAST]
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 120

@@ -10,9 +10,9 @@ import torch
 import transformers as tf
 from typer.testing import CliRunner
 
-from runtime import roofline as rl
-from toolchain.cli import app
-from toolchain.errors import ArtifactError, InvalidOptionError, ModelNotFoundError
+from toolchain.analysis import roofline as rl
+from toolchain.app.cli import app
+from toolchain.core.errors import ArtifactError, InvalidOptionError, ModelNotFoundError
 
 from tiny_models import ARCHS, tiny_config
 
@@ -39,7 +39,7 @@ def test_builtin_configs_reproduce_published_parameter_counts():
 
 
 def test_builtin_short_names_agree_with_the_model_loader():
-    from toolchain.sources import SHORT_NAMES
+    from toolchain.data.sources import SHORT_NAMES
 
     checked = 0
     for short, target in SHORT_NAMES.items():
@@ -144,7 +144,7 @@ def test_bad_gpu_name_and_bad_slice_raise():
 
 
 def test_local_config_and_already_sliced_canonical_config(tmp_path):
-    from toolchain.model import SlicedConfig, SlicedForCausalLM, count_parameters
+    from toolchain.model.modeling import SlicedConfig, SlicedForCausalLM, count_parameters
 
     tf.Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2).save_pretrained(tmp_path / "qwen")

@@ -6,13 +6,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import toolchain  # noqa: F401  (registers the Auto classes)
+import toolchain.model  # noqa: F401  (registers the canonical model with the Auto classes)
 from tiny_models import ARCHS, VOCAB, batch_with_left_padding, calibration_batch, tiny_hf_model
-from toolchain.adapters import to_canonical
+from toolchain.model.adapters import to_canonical
 from toolchain.compress.budget import NotSmallerError
 from toolchain.compress.slicegpt import SliceOptions, slice_model
-from toolchain.errors import ToolchainError
-from toolchain.model import count_parameters
+from toolchain.core.errors import ToolchainError
+from toolchain.model.modeling import count_parameters
 
 TIED = [a for a in ARCHS if to_canonical(tiny_hf_model(a)).config.tie_word_embeddings]
 SEQUENTIAL = [a for a in ARCHS if not to_canonical(tiny_hf_model(a)).config.parallel_block]
@@ -165,7 +165,7 @@ def tiny_checkpoint(tmp_path_factory):
 
 
 def compress(root, out, **kwargs):
-    from toolchain.compressing import CompressOptions, compress_to_dir
+    from toolchain.compress.stage import CompressOptions, compress_to_dir
 
     options = CompressOptions(model=str(root / "model"), calib=str(root / "calib.txt"), nsamples=4, seqlen=16, **kwargs)
     return compress_to_dir(options, out)
@@ -195,7 +195,7 @@ def test_target_ratio_is_met_against_the_tied_source(tiny_checkpoint, tmp_path):
 def test_cli_says_so_and_exits_2(tiny_checkpoint, tmp_path):
     from typer.testing import CliRunner
 
-    from toolchain.cli import app
+    from toolchain.app.cli import app
 
     out = tmp_path / "out"
     result = CliRunner().invoke(app, ["slice", "--model", str(tiny_checkpoint / "model"), "--out", str(out),

@@ -9,8 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from toolchain import sources
-from toolchain.errors import ArtifactError, ModelNotFoundError, UnsafeWeightsError
-from toolchain.sources import SHORT_NAMES, load_hf_model, resolve_model
+from toolchain.core.errors import ArtifactError, ModelNotFoundError, UnsafeWeightsError
+from toolchain.data.sources import SHORT_NAMES, load_hf_model, resolve_model
 
 
 
@@ -197,7 +197,7 @@ def test_gguf_errors(tmp_path, cache):
 
 @pytest.mark.slow
 def test_smollm2_gguf_conversion_is_exact(cache):
-    from toolchain.assets import smollm2_gguf_path
+    from toolchain.data.assets import smollm2_gguf_path
 
     gguf_path = smollm2_gguf_path()
     model, tokenizer = load_hf_model(resolve_model("smollm2-135m"))

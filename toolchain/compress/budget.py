@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import InvalidOptionError
-from ..model import SlicedConfig
+from toolchain.core.errors import InvalidOptionError
+from toolchain.model.modeling import SlicedConfig
 
 SHARE_MODES = ("none", "layer", "all")
 BUDGETS = ("uniform", "variance", "global")

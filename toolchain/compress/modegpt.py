@@ -34,11 +34,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..errors import InvalidOptionError
-from ..finite import require_finite_statistics
-from ..model import SlicedForCausalLM, _carry, attention_bias
-from .rotation import _set_weight
-from .slicegpt import SliceOptions, slice_model
+from toolchain.core.errors import InvalidOptionError
+from toolchain.model.finite import require_finite_statistics
+from toolchain.model.modeling import SlicedForCausalLM, _carry, attention_bias
+from toolchain.compress.rotation import _set_weight
+from toolchain.compress.slicegpt import SliceOptions, slice_model
 
 
 @dataclass

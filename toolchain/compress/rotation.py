@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..model import ResidualNorm, SlicedForCausalLM
+from toolchain.model.modeling import ResidualNorm, SlicedForCausalLM
+from toolchain.model.blocks import row_blocks
 
 
 def _layer_and_kind(model: SlicedForCausalLM, position: int) -> tuple[int, str]:
@@ -61,15 +62,6 @@ def _set_weight(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | No
         module.out_features, module.in_features = module.weight.shape
     elif isinstance(module, nn.Embedding):
         module.embedding_dim = module.weight.shape[1]
-
-
-ROW_BLOCK_BYTES = 64 * 2**20  # float64 working set of one row block (bounds temporaries for V x D tables)
-
-
-def row_blocks(rows: int, cols: int) -> list[slice]:
-    """Row ranges of a (rows x cols) matrix whose float64 copy is at most ROW_BLOCK_BYTES each."""
-    step = max(1, ROW_BLOCK_BYTES // (8 * max(cols, 1)))
-    return [slice(start, start + step) for start in range(0, rows, step)]
 
 
 def times_basis(weight: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:

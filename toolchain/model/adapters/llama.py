@@ -1,7 +1,7 @@
 """Llama 2/3, Mistral, Qwen2: pre-RMSNorm, gated SiLU MLP, RoPE (scaled variants via rope_parameters)."""
 
-from ..errors import UnsupportedArchitectureError
-from .base import Adapter, register
+from toolchain.core.errors import UnsupportedArchitectureError
+from toolchain.model.adapters.base import Adapter, register
 
 
 def _llama_like(cfg) -> dict:

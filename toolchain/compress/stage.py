@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from .compress import METHODS
-from .errors import InvalidOptionError, OutputPathError
-from .fileio import atomic_dir, write_json
-from .model import ParameterReport, count_parameters
+from toolchain.compress import METHODS
+from toolchain.core.errors import InvalidOptionError, OutputPathError
+from toolchain.core.fileio import atomic_dir, write_json
+from toolchain.model.modeling import ParameterReport, count_parameters
 
 
 @dataclass
@@ -58,16 +58,16 @@ class CompressOptions:
         if self.method != "modegpt" and self.widths is None and self.slice == 0 and self.rotation == "pca" \
                 and self.target_params is None and self.target_ratio is None:
             raise InvalidOptionError("--slice 0 removes nothing; pass a fraction in (0, 1), e.g. --slice 0.3")
-        from .compress.slicegpt import ROTATIONS
+        from toolchain.compress.slicegpt import ROTATIONS
 
         if self.rotation not in ROTATIONS:
             raise InvalidOptionError(f"unknown --rotation {self.rotation!r}; choose one of {', '.join(ROTATIONS)}")
-        from .data import check_source_name
+        from toolchain.data.text import check_source_name
 
         check_source_name(self.calib)
         if self.tie not in ("slice", "project", "untie"):
             raise InvalidOptionError(f"unknown --tie {self.tie!r}; choose slice, project or untie")
-        from .compress.slicegpt import validate_budget_options
+        from toolchain.compress.slicegpt import validate_budget_options
 
         validate_budget_options(self.target_params, self.target_ratio, self.share, self.tie_basis, self.budget)
         if "modegpt" in self.method and not 0.0 <= self.compression < 1.0:
@@ -119,8 +119,8 @@ def check_supported(model_dir: Path) -> None:
 
     from transformers import PretrainedConfig
 
-    from .adapters import adapter_for
-    from .errors import ModelNotFoundError
+    from toolchain.model.adapters import adapter_for
+    from toolchain.core.errors import ModelNotFoundError
 
     config_path = Path(model_dir) / "config.json"
     if not config_path.is_file():
@@ -135,8 +135,8 @@ def streams(options: CompressOptions) -> bool:
 
 
 def _load_in_memory(options: CompressOptions, resolved):
-    from .adapters import to_canonical
-    from .sources import load_hf_model
+    from toolchain.model.adapters import to_canonical
+    from toolchain.data.sources import load_hf_model
 
     hf_model, tokenizer = load_hf_model(resolved, dtype=torch.float32)
     dense_params = count_parameters(hf_model)
@@ -146,8 +146,8 @@ def _load_in_memory(options: CompressOptions, resolved):
 
 def _open_streamed(options: CompressOptions, resolved, tmp: Path):
     """Canonical skeleton (meta), tokenizer, dense parameter count and the layer-by-layer weight store."""
-    from .sources import load_hf_config, load_tokenizer
-    from .streaming import ShardWriter, open_streamed
+    from toolchain.data.sources import load_hf_config, load_tokenizer
+    from toolchain.compress.streaming import ShardWriter, open_streamed
 
     hf_config = load_hf_config(resolved)  # headers, shapes: no tensor read
     model, weights, hf_meta = open_streamed(resolved.path, hf_config, ShardWriter(tmp), options.model,
@@ -158,10 +158,10 @@ def _open_streamed(options: CompressOptions, resolved, tmp: Path):
 
 def compress_to_dir(options: CompressOptions, out_dir: str | Path, overwrite: bool = False,
                     progress=None) -> CompressResult:
-    from .compress.budget import ensure_smaller, weight_bytes
-    from .compress.slicegpt import SliceOptions, check_plan_is_smaller, resolve_widths, slice_model
-    from .data import load_text, token_windows
-    from .sources import resolve_model
+    from toolchain.compress.budget import ensure_smaller, weight_bytes
+    from toolchain.compress.slicegpt import SliceOptions, check_plan_is_smaller, resolve_widths, slice_model
+    from toolchain.data.text import load_text, token_windows
+    from toolchain.data.sources import resolve_model
 
     options.validate()
     device = resolve_device(options.device)
@@ -198,7 +198,7 @@ def compress_to_dir(options: CompressOptions, out_dir: str | Path, overwrite: bo
             slice_model(model, windows.input_ids, windows.attention_mask, slice_options, progress=progress,
                         weights=weights, offload=offload)
         if "modegpt" in options.method:
-            from .compress.modegpt import ModegptOptions, modegpt_model
+            from toolchain.compress.modegpt import ModegptOptions, modegpt_model
 
             modegpt_model(model, windows.input_ids, windows.attention_mask,
                           ModegptOptions(compression=options.compression), progress=progress)

@@ -3,7 +3,7 @@ compressed weights, and a model full of NaN still saves, exports and "passes" a 
 
 from __future__ import annotations
 
-from .errors import NonFiniteError
+from toolchain.core.errors import NonFiniteError
 
 
 def count_non_finite(tensor) -> int:

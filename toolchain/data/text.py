@@ -27,7 +27,7 @@ from urllib.parse import urlparse
 
 import torch
 
-from .errors import DataError, InvalidOptionError
+from toolchain.core.errors import DataError, InvalidOptionError
 
 JOIN = "\n\n"
 DATASETS = ("ptb", "wikitext2", "c4", "alpaca")

@@ -1,7 +1,7 @@
 """OPT: pre-LayerNorm (centred into RMSNorm), ReLU MLP, learned positions with an offset of 2."""
 
-from ..errors import UnsupportedArchitectureError
-from .base import Adapter, register
+from toolchain.core.errors import UnsupportedArchitectureError
+from toolchain.model.adapters.base import Adapter, register
 
 
 def _opt(cfg) -> dict:

@@ -1,7 +1,7 @@
 """Phi-2 (PhiForCausalLM): parallel attention+MLP on one LayerNorm, partial rotary, biases, GELU."""
 
-from ..errors import UnsupportedArchitectureError
-from .base import Adapter, register
+from toolchain.core.errors import UnsupportedArchitectureError
+from toolchain.model.adapters.base import Adapter, register
 
 
 def _phi(cfg) -> dict:

@@ -14,7 +14,7 @@ import typer.core
 from rich.console import Console
 from rich.markup import escape
 
-from .errors import InvalidOptionError, ToolchainError
+from toolchain.core.errors import InvalidOptionError, ToolchainError
 
 class OneLineUsageErrors(typer.core.TyperGroup):
     """Mistyped options and values of the wrong type print like every other user mistake: one
@@ -133,7 +133,7 @@ def slice_command(
     offload_activations: Optional[Path] = OFFLOAD_OPTION,
 ) -> None:
     """Compress a model and write a loadable HF-style model directory."""
-    from .compressing import CompressOptions, compress_to_dir
+    from toolchain.compress.stage import CompressOptions, compress_to_dir
 
     options = CompressOptions(model=model, method=method, slice=slice_, compression=compression,
                               widths=parse_widths(widths), rotation=rotation, slice_head=slice_head, tie=tie, calib=calib,
@@ -183,7 +183,7 @@ def plan(
 
     from rich.table import Table
 
-    from runtime import roofline
+    from toolchain.analysis import roofline
 
     efficiency = roofline.fit_efficiency(calibrate) if calibrate is not None else None
     result = roofline.plan(roofline.resolve_config(model), slice=slice, gpus=gpu, batch=batch, context=context,
@@ -230,10 +230,10 @@ def eval_command(
     import transformers
     from rich.table import Table
 
-    from .data import load_text
-    from .errors import InvalidOptionError
-    from .evaluate import perplexity, write_report, zero_shot
-    from .sources import load_hf_model, resolve_model
+    from toolchain.data.text import load_text
+    from toolchain.core.errors import InvalidOptionError
+    from runtime.evaluate import perplexity, write_report, zero_shot
+    from toolchain.data.sources import load_hf_model, resolve_model
 
     for name, value in (("seqlen", seqlen), ("max-windows", max_windows), ("batch-size", batch_size),
                         ("limit", limit)):
@@ -382,7 +382,7 @@ def build_command(
     import json
     import time
 
-    from .pipeline import BuildOptions, build
+    from toolchain.app.pipeline import BuildOptions, build
 
     options = BuildOptions(model=model, target=target, method=method, slice=slice_, compression=compression,
                            widths=parse_widths(widths), rotation=rotation, slice_head=slice_head, tie=tie, calib=calib,
@@ -438,8 +438,8 @@ def print_build_summary(build_dir: Path, manifest: dict) -> None:
 @user_errors
 def inspect_command(build_dir: Path = typer.Argument(..., help="A build directory")) -> None:
     """Show a build's manifest: stages, options, versions, outputs."""
-    from .errors import ArtifactError
-    from .pipeline import MANIFEST, read_manifest
+    from toolchain.core.errors import ArtifactError
+    from toolchain.app.pipeline import MANIFEST, read_manifest
 
     if not (build_dir / MANIFEST).is_file():
         raise ArtifactError(f"{build_dir} has no {MANIFEST}; pass a directory made by `toolchain build`")
@@ -554,6 +554,37 @@ def deploy_command(
                 "not validated (pip install tritonclient[grpc])"
             printer.print(f"wrote {repo.model_dir} ({backend}, {len(repo.inputs)} inputs, {len(repo.outputs)} outputs, "
                           f"max_batch_size {repo.max_batch_size}; {check})", highlight=False)
+
+
+@app.command("doctor")
+@user_errors
+def doctor_command(
+    strict: bool = typer.Option(False, "--strict", help="Exit 1 when a dependency is missing or outside its "
+                                                        "tested range (for CI)."),
+) -> None:
+    """Installed versions of every dependency next to the range the toolchain was tested with."""
+    from rich.table import Table
+
+    from toolchain import __version__
+    from toolchain.core.versions import dependency_checks
+
+    checks = dependency_checks()
+    table = Table("package", "installed", "tested range", "needed for", "status",
+                  title=f"toolchain {__version__} (python {sys.version.split()[0]})")
+    style = {"ok": "green", "missing": "dim", "outside": "bold red"}
+    for check in checks:
+        status = "not installed" if check.status == "missing" else check.status
+        if check.problem:
+            status = f"[{style[check.status]}]{'MISSING' if check.status == 'missing' else 'OUTSIDE tested range'}[/]"
+        table.add_row(check.name, check.installed or "-", check.tested or "any", check.extra or "core", status)
+    Console(width=max(Console().width, 100)).print(table)
+    problems = [check for check in checks if check.problem]
+    for check in problems:
+        console.print(f"[bold yellow]warning:[/] {check.name} {check.installed or '(not installed)'} is outside the "
+                      f"tested range {check.tested}; install the locked versions with scripts/setup.sh "
+                      f"(or pip install '{check.name}{check.tested}')", highlight=False, soft_wrap=True)
+    if strict and problems:
+        raise typer.Exit(1)
 
 
 def _existing_parent(path: Path) -> str:

@@ -12,7 +12,7 @@ the layer being sliced (the one before it too with `--share layer`, whose basis 
 attention first), the calibration activations (compute dtype, or files with `offload`), the D x D
 bases, and at most one output shard waiting to be written. The V x D tables (embedding, untied head)
 are read alone: the head after the last layer is closed and the pending shard written, and their
-float64 work (norm folding, rotation) runs in row blocks (rotation.row_blocks).
+float64 work (norm folding, rotation) runs in row blocks (toolchain.model.blocks).
 
 Every slicing option streams; none falls back to the in-memory path:
 - options that need statistics of the dense model first (`--tie-basis joint` on a sliced tied table,
@@ -39,10 +39,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapters.base import Adapter, TensorSource, embedding_state, head_state, layer_state
-from .compress.slicegpt import WeightStore
-from .finite import require_finite_weight
-from .model import SlicedForCausalLM
+from toolchain.model.adapters.base import Adapter, TensorSource, embedding_state, head_state, layer_state
+from toolchain.compress.slicegpt import WeightStore
+from toolchain.model.finite import require_finite_weight
+from toolchain.model.modeling import SlicedForCausalLM
 
 SHARD_BYTES = 256 * 2**20  # output shard size: bounds the sliced tensors waiting to be written
 SAFE_METADATA = {"format": "pt"}  # what save_pretrained writes, so single-file outputs are identical
@@ -56,7 +56,7 @@ class SafetensorsCheckpoint(TensorSource):
     def __init__(self, path: str | os.PathLike):
         from safetensors import safe_open
 
-        from .sources import _safetensors_shards
+        from toolchain.data.sources import _safetensors_shards
 
         self.path = Path(path)
         self._shard: dict[str, Path] = {}
@@ -259,8 +259,8 @@ class StreamedWeights(WeightStore):
 def streamed_model(source: TensorSource, hf_config, class_name: str, source_model: str | None,
                    keep_tie: bool, writer: ShardWriter | None, dtype: torch.dtype = torch.float32):
     """(canonical skeleton on the meta device with its derived buffers, its StreamedWeights)."""
-    from .adapters import adapter_for
-    from .adapters.base import canonical_config
+    from toolchain.model.adapters import adapter_for
+    from toolchain.model.adapters.base import canonical_config
 
     adapter = adapter_for(hf_config, class_name)
     config = canonical_config(hf_config, source.names, class_name, source_model, keep_tie)
@@ -286,7 +286,7 @@ def open_streamed(path: str | os.PathLike, hf_config, writer: ShardWriter | None
                   keep_tie: bool = True, dtype: torch.dtype = torch.float32):
     """(skeleton, StreamedWeights, the HF model's meta skeleton) for a checkpoint whose config is read;
     fails, before reading any tensor, if a weight the config needs is missing."""
-    from .sources import check_complete, hf_skeleton
+    from toolchain.data.sources import check_complete, hf_skeleton
 
     checkpoint = SafetensorsCheckpoint(path)
     skeleton = hf_skeleton(hf_config)
@@ -302,7 +302,7 @@ def slice_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike, input_
                      progress=None):
     """Slice the checkpoint at `path` into `out_dir` (an existing, empty dir: config, generation config
     and weight shards; no tokenizer) layer by layer. Returns (skeleton model, its StreamedWeights)."""
-    from .compress.slicegpt import slice_model
+    from toolchain.compress.slicegpt import slice_model
 
     writer = ShardWriter(out_dir, shard_bytes)
     model, weights = open_checkpoint(path, writer, str(path), keep_tie)

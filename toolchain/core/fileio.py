@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from .errors import OutputPathError
+from toolchain.core.errors import OutputPathError
 
 
 def _temp_sibling(path: Path, is_dir: bool) -> Path:

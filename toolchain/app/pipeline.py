@@ -15,16 +15,16 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
-import platform
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from . import __version__
-from .errors import InvalidOptionError, OutputPathError, ToolchainError
-from .fileio import LOCK_FILE, exclusive_dir, sha256_file, write_json
+from toolchain import __version__
+from toolchain.core.errors import InvalidOptionError, OutputPathError, ToolchainError
+from toolchain.core.fileio import LOCK_FILE, exclusive_dir, sha256_file, write_json
+from toolchain.core.versions import library_versions
 
 
 class ParityError(ToolchainError):
@@ -80,7 +80,7 @@ class BuildOptions:
                                      "(use --target onnx --dtype fp16, or load the saved model with torch_dtype)")
         self._validate_outputs()
         if self.eval is not None:
-            from .data import check_source_name
+            from toolchain.data.text import check_source_name
 
             check_source_name(self.eval)
         if self.target != "torch":
@@ -110,7 +110,7 @@ class BuildOptions:
                                accuracy_level=accuracy_level(self.quant_compute), overwrite=True)
 
     def compress_options(self):
-        from .compressing import CompressOptions
+        from toolchain.compress.stage import CompressOptions
 
         fields = {k: getattr(self, k) for k in ("model", "method", "slice", "compression", "widths", "rotation",
                                                  "slice_head", "tie", "calib", "nsamples", "seqlen", "seed", "device",
@@ -133,7 +133,7 @@ class Stage:
 
 
 def run_compress(build: Path, options: BuildOptions, progress=None) -> None:
-    from .compressing import compress_to_dir
+    from toolchain.compress.stage import compress_to_dir
 
     compress_to_dir(options.compress_options(), build / "sliced", overwrite=True, progress=progress)
 
@@ -203,18 +203,17 @@ def run_bench(build: Path, options: BuildOptions, progress=None) -> None:
 
 def run_eval(build: Path, options: BuildOptions, progress=None) -> None:
     """Perplexity of the source model and of the compressed one, same protocol."""
-    from transformers import AutoModelForCausalLM
-
-    from .data import eval_windows, load_text
-    from .evaluate import perplexity, write_report
-    from .sources import load_hf_model, resolve_model
+    from toolchain.data.text import eval_windows, load_text
+    from runtime.evaluate import perplexity, write_report
+    from toolchain.data.sources import load_hf_model, resolve_model
+    from toolchain.model import SlicedForCausalLM
 
     dense, tokenizer = load_hf_model(resolve_model(options.model))
     windows = eval_windows(tokenizer, load_text(options.eval, "test"), seqlen=512, max_windows=EVAL_WINDOWS)
     where = {"dataset": options.eval, "split": "test"}
     dense_ppl = perplexity(dense, tokenizer, windows, seqlen=512) | where
     del dense
-    compressed = AutoModelForCausalLM.from_pretrained(build / "sliced").eval()
+    compressed = SlicedForCausalLM.from_pretrained(build / "sliced").eval()
     compressed_ppl = perplexity(compressed, tokenizer, windows, seqlen=512) | where
     out = build / "reports" / "eval"
     write_report(out, {"model": options.model, "perplexity": dense_ppl}, stem="dense")
@@ -255,18 +254,6 @@ STAGES = [
 
 
 # --- manifest -----------------------------------------------------------------------------------
-
-
-def library_versions() -> dict:
-    import importlib.metadata as md
-
-    versions = {"toolchain": __version__, "python": platform.python_version()}
-    for name in ("torch", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt"):
-        try:
-            versions[name] = md.version(name)
-        except md.PackageNotFoundError:
-            pass
-    return versions
 
 
 def hash_outputs(root: Path) -> dict[str, str]:

@@ -1,0 +1,3 @@
+from toolchain.app.cli import main
+
+main()

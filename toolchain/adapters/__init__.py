@@ -1,6 +1,0 @@
-"""HF architecture → canonical model. One small data-only file per architecture family."""
-
-from . import llama, opt, phi, phi3  # noqa: F401  (register adapters)
-from .base import REGISTRY, Adapter, adapter_for, supported_architectures, to_canonical
-
-__all__ = ["Adapter", "REGISTRY", "adapter_for", "supported_architectures", "to_canonical"]

@@ -1,0 +1,1 @@
+"""Predictions and pictures from sizes and measurements: the roofline planner, benchmark plots."""

@@ -1,0 +1,1 @@
+"""The top layer: the build pipeline, the CLI and benchmark orchestration."""

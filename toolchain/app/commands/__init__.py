@@ -1,0 +1,1 @@
+"""One module per group of `toolchain` commands; each registers itself on the shared app."""

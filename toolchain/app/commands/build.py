@@ -1,0 +1,123 @@
+"""`toolchain build` and `toolchain inspect`: the resumable pipeline and its manifest."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from toolchain.app.commands.common import (DEVICE_OPTION, OFFLOAD_OPTION, QUANT_ALGORITHM_OPTION, QUANT_COMPUTE_OPTION,
+                                           STREAM_OPTION, app, console, parse_widths, print_parameter_table,
+                                           stage_progress, user_errors)
+
+
+@app.command("build")
+@user_errors
+def build_command(
+    model: str = typer.Option(..., "--model", "-m", help="Hub id, short name (smollm2-135m, phi-2, ...), HF dir or .gguf"),
+    out: Path = typer.Option(..., "--out", "-o", help="Build directory (created; an existing build resumes)"),
+    slice_: float = typer.Option(0.3, "--slice", help="Fraction of the hidden width removed, in [0, 1)"),
+    target: str = typer.Option("onnx", help="torch | onnx | trt"),
+    method: str = typer.Option("slicegpt", help="slicegpt | modegpt | slicegpt+modegpt"),
+    compression: float = typer.Option(0.25, help="MoDeGPT: fraction of block parameters removed"),
+    dtype: str = typer.Option("fp32", help="ONNX precision: fp32 | fp16"),
+    calib: str = typer.Option("ptb", help="Calibration text: ptb | wikitext2 | c4 | alpaca | a local file"),
+    nsamples: int = typer.Option(32, help="Calibration windows"),
+    seqlen: int = typer.Option(256, help="Tokens per calibration window"),
+    widths: Optional[str] = typer.Option(None, help="Explicit residual widths, comma-separated"),
+    rotation: str = typer.Option("pca", help="pca | random | identity"),
+    slice_head: bool = typer.Option(False, "--slice-head", help="Also slice the LM head input"),
+    tie: str = typer.Option("slice", help="Tied embeddings: slice | project | untie"),
+    seed: int = typer.Option(0, help="Calibration sampling seed"),
+    device: str = DEVICE_OPTION,
+    stream: bool = STREAM_OPTION,
+    offload_activations: Optional[Path] = OFFLOAD_OPTION,
+    provider: str = typer.Option("cpu", help="ONNX Runtime provider for validate/bench: cpu | cuda | tensorrt"),
+    bench: bool = typer.Option(True, "--bench/--no-bench", help="Run the latency benchmark stage"),
+    eval_: Optional[str] = typer.Option(None, "--eval", help="Also measure perplexity (dense vs compressed) on this text"),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help="int4 | int8: weight-only quantize the fp32 "
+                                                                     "ONNX export into quantized/ (onnxruntime's "
+                                                                     "MatMulNBits), with parity vs fp32"),
+    block_size: int = typer.Option(32, "--block-size", help="--quantize: weights per quantization block"),
+    quant_algorithm: str = QUANT_ALGORITHM_OPTION,
+    quant_compute: str = QUANT_COMPUTE_OPTION,
+    deploy: Optional[str] = typer.Option(None, "--deploy", help="genai | triton: package the (quantized) export "
+                                                                 "under deploy/ for onnxruntime-genai or Triton"),
+    force: bool = typer.Option(False, "--force", help="Redo every stage"),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress output"),
+    json_log: bool = typer.Option(False, "--json", help="Machine-readable JSON log lines on stdout"),
+) -> None:
+    """Compress, export, validate and benchmark in one resumable build directory."""
+    import json
+    import time
+
+    from toolchain.app.pipeline import BuildOptions, build
+
+    options = BuildOptions(model=model, target=target, method=method, slice=slice_, compression=compression,
+                           widths=parse_widths(widths), rotation=rotation, slice_head=slice_head, tie=tie, calib=calib,
+                           nsamples=nsamples, seqlen=seqlen, seed=seed, device=device, dtype=dtype,
+                           provider=provider, bench=bench, eval=eval_, quantize=quantize, block_size=block_size,
+                           quant_algorithm=quant_algorithm, quant_compute=quant_compute, deploy=deploy, stream=stream,
+                           offload_activations=str(offload_activations) if offload_activations else None)
+
+    def on_stage(name: str, event: str) -> None:
+        if json_log:
+            print(json.dumps({"time": round(time.time(), 3), "stage": name, "event": event}), flush=True)
+        elif not quiet:
+            console.print({"skip": f"[dim]= {name}: up to date, skipped[/]", "start": f"[bold]> {name}[/]",
+                           "done": f"[green]✓ {name}[/]"}[event])
+
+    if quiet or json_log:
+        manifest = build(options, out, force=force, on_stage=on_stage)
+    else:
+        with stage_progress("working") as progress:
+            manifest = build(options, out, force=force, on_stage=on_stage, progress=progress)
+    if json_log:
+        print(json.dumps({"event": "finished", "out": str(out), "stages": list(manifest["stages"])}), flush=True)
+    elif not quiet:
+        print_build_summary(Path(out), manifest)
+
+
+def print_build_summary(build_dir: Path, manifest: dict) -> None:
+    import json
+
+    from rich.table import Table
+
+    table = Table(title=f"build {build_dir}")
+    for column in ("stage", "status", "seconds", "files"):
+        table.add_column(column)
+    for name, record in manifest["stages"].items():
+        table.add_row(name, record.get("status", "?"), str(record.get("seconds", "")), str(len(record.get("outputs", {}))))
+    Console().print(table)
+    for name, record in manifest["stages"].items():
+        if record.get("note"):
+            Console().print(f"{name}: {record['note']}", highlight=False, soft_wrap=True)
+    report = build_dir / "sliced" / "compression_report.json"
+    if report.exists():
+        print_parameter_table("parameters", json.loads(report.read_text())["parameters"])
+    parity = build_dir / "reports" / "parity" / "parity.json"
+    if parity.exists():
+        data = json.loads(parity.read_text())
+        logits = data["summary"]["logits"]
+        Console().print(f"parity {data['candidate']} vs {data['reference']}: {'PASS' if data['passed'] else 'FAIL'} "
+                        f"(logits max abs {logits['max_abs']:.2e}, top-1 {logits['top1']:.3f})")
+
+
+@app.command("inspect")
+@user_errors
+def inspect_command(build_dir: Path = typer.Argument(..., help="A build directory")) -> None:
+    """Show a build's manifest: stages, options, versions, outputs."""
+    from toolchain.core.errors import ArtifactError
+    from toolchain.app.pipeline import MANIFEST, read_manifest
+
+    if not (build_dir / MANIFEST).is_file():
+        raise ArtifactError(f"{build_dir} has no {MANIFEST}; pass a directory made by `toolchain build`")
+    manifest = read_manifest(build_dir)
+    Console().print(f"[bold]{build_dir}[/] (toolchain {manifest.get('toolchain_version')})")
+    Console().print("options: " + ", ".join(f"{k}={v}" for k, v in manifest.get("options", {}).items()), highlight=False)
+    print_build_summary(build_dir, manifest)
+    for name, record in manifest["stages"].items():
+        for path, digest in record.get("outputs", {}).items():
+            Console().print(f"  {record['output']}/{path}  {digest[:16]}", highlight=False)

@@ -1,0 +1,116 @@
+"""The shared `toolchain` app: one-line user errors with exit code 2, progress bars, the parameter
+table and the options several commands share."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import sys
+from typing import Optional
+
+import typer
+import typer.core
+from rich.console import Console
+from rich.markup import escape
+
+from toolchain.core.errors import InvalidOptionError, ToolchainError
+
+
+class OneLineUsageErrors(typer.core.TyperGroup):
+    """Mistyped options and values of the wrong type print like every other user mistake: one
+    `error:` line and exit code 2 (click would print a usage block and a boxed message)."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except typer.TyperException as err:  # typer's (vendored) click errors: usage and parameter errors
+            ctx = getattr(err, "ctx", None)
+            if type(err).__name__ == "NoArgsIsHelpError" and ctx is not None:
+                typer.echo(ctx.get_help())
+            else:
+                where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+                typer.echo(f"error: {err.format_message()}{where}", err=True)
+            code = err.exit_code
+        except typer.Abort:
+            code = 1
+        if not standalone_mode:
+            return code
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  cls=OneLineUsageErrors,
+                  help="Compress LLMs and ship them to ONNX Runtime / TensorRT with parity and latency reports.")
+console = Console(stderr=True)
+
+
+def user_errors(fn):
+    """Turn ToolchainError into `error: <message>` and its exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ToolchainError as err:
+            message = " ".join(str(err).split())  # one line, even when a library's message spans several
+            console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+            raise typer.Exit(err.exit_code)
+
+    return wrapper
+
+
+def parse_widths(text: Optional[str]) -> Optional[list[int]]:
+    if not text:
+        return None
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise InvalidOptionError(f"--widths must be comma-separated integers, got {text!r}") from None
+
+
+def print_parameter_table(title: str, summary: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("parameters")
+    table.add_column("dense", justify="right")
+    table.add_column("compressed", justify="right")
+    for key in ("embeddings", "blocks", "shortcuts", "lm_head", "total"):
+        table.add_row(key, f"{summary['dense'][key]:,}", f"{summary['compressed'][key]:,}")
+    Console().print(table)
+    verdict = "smaller" if summary["smaller"] else "[bold red]LARGER than the input[/]"
+    Console().print(f"kept {summary['kept_fraction']:.1%} of the parameters "
+                    f"({summary['compression']:.1%} removed): {verdict}")
+
+
+# weight-only quantization, shared by `build` and `deploy`
+QUANT_ALGORITHM_OPTION = typer.Option("minmax", "--quant-algorithm", help="int4 blocks: minmax (fast) | hqq "
+                                      "(optimised scales, slower to quantize)")
+QUANT_COMPUTE_OPTION = typer.Option("int8", "--quant-compute", help="MatMulNBits activations on CPU: int8 (ORT's "
+                                    "fast kernel, accuracy_level 4) | fp32 (closer to fp32 outputs, much slower)")
+
+
+# calibration placement, shared by `slice` and `build`
+DEVICE_OPTION = typer.Option("auto", "--device", help="Compute device for calibration/PCA: auto (CUDA when "
+                             "available) | cpu | cuda | cuda:N")
+STREAM_OPTION = typer.Option(True, "--stream/--no-stream", help="SliceGPT: read, slice and write one layer at a "
+                             "time (bounded memory; same bytes as --no-stream)")
+OFFLOAD_OPTION = typer.Option(None, "--offload-activations", help="Existing dir for the calibration activations "
+                              "(files) instead of memory")
+
+
+@contextlib.contextmanager
+def stage_progress(label: str):
+    """A rich progress bar; yields a callback(done, total)."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True) as bar:
+        task = bar.add_task(label, total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update
+
+

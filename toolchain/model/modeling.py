@@ -101,7 +101,11 @@ class SlicedConfig(PretrainedConfig):
         self.v_head_dims = list(v_head_dims or [self.head_dim] * num_hidden_layers)
         # Tied embeddings survive rotation through explicit end matrices: the token table has
         # `embedding_width` columns; `embed_proj` maps it to the first residual width and
-        # `head_proj` maps the final normed residual back to it (DESIGN.md, SliceGPT item 5).
+        # `head_proj` maps the final normed residual back to it. One table can serve both ends
+        # because rotating it keeps the tie (row vectors): with E' = E Q, the embedding E'[t] = E[t] Q
+        # is the token in the rotated basis, and the head's logits y E^T = (y Q)(E Q)^T = (y Q) E'^T
+        # since Q Q^T = I, so the head reads y Q. `head_proj` takes the final stream into that basis;
+        # two width x width matrices cost far less than a second V x D head.
         self.embed_projection, self.head_projection = embed_projection, head_projection
         self.embedding_width = embedding_width or hidden_size  # used only with embed_projection
         # MoDeGPT: per layer, None (every RoPE pair, in order) or, per KV head, the frequency index of
@@ -190,7 +194,15 @@ def kept_pairs_rope(cos: torch.Tensor, sin: torch.Tensor, pairs: torch.Tensor):
 
 
 class ResidualNorm(nn.Module):
-    """Weightless RMSNorm over the original width, written as a standard RMSNorm over `width`."""
+    """Weightless RMSNorm over the original width, written as a standard RMSNorm over `width`.
+
+    Before slicing, a rotation Q leaves the norm unchanged: ||hQ|| = ||h||, so RMSNorm(hQ) = RMSNorm(h)Q.
+    After keeping d of D columns, ||hQ_d|| < ||h|| in general: the norm divides by the kept part only.
+    SliceGPT accepts that approximation (PCA keeps the directions carrying most of the energy, so the
+    two norms stay close). Dividing the kept sum of squares by the original width D, as
+    sum(x^2)/D = (d/D) * mean(x^2), is the same as a standard RMSNorm over d with eps' = eps*D/d and a
+    weight of sqrt(D/d), the form ONNX Runtime and TensorRT fuse.
+    """
 
     def __init__(self, width: int, full_width: int, eps: float):
         super().__init__()

@@ -140,7 +140,13 @@ def _centre(tensor: torch.Tensor, dim: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _centre_write(state, name: str, dtype: torch.dtype) -> None:
-    """Make a write into the residual stream mean-free along the hidden dim."""
+    """Make a write into the residual stream mean-free along the hidden dim.
+
+    LayerNorm(x) = RMSNorm(x - mean(x)) * gamma + beta. If every write into the stream (embeddings,
+    attention and MLP outputs) has zero mean along the hidden dim, their sum does too, so x - mean(x)
+    = x and each LayerNorm becomes an RMSNorm with gamma and beta folded into the next linear layer.
+    Centring a write is exact: subtracting the row mean of W's output equals multiplying by the
+    centring matrix I - 11^T/D, a linear map the write can absorb."""
     state[f"{name}.weight"] = _centre(state[f"{name}.weight"], 0, dtype)
     if f"{name}.bias" in state:
         state[f"{name}.bias"] = _centre(state[f"{name}.bias"], 0, dtype)

@@ -7,7 +7,7 @@ Builds (once) a Llama-shaped checkpoint with random weights saved as fp16 safete
 the repo. Then, each in a fresh subprocess, `toolchain.compress.stage.compress_to_dir` slices it at 0.25
 with PTB calibration, once streamed (the default) and once in memory (`stream=False`, skipped when the
 machine's available memory is below a conservative estimate of its need). The child reports its own
-peak RSS (getrusage ru_maxrss, which counts mapped file pages too) and wall time. Target (issue 6):
+peak RSS (getrusage ru_maxrss, which counts mapped file pages too) and wall time. The goal:
 streamed peak RSS <= 1.3x the checkpoint's fp16 weight bytes.
 Writes benchmarks/results/slicing_memory.{json,md,png}.
 """

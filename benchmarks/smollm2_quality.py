@@ -77,7 +77,7 @@ FAMILIES = {
 for _family, (_keep, _options, _ratios) in FAMILIES.items():
     for _ratio in _ratios:
         RECIPES[f"{_family} {_ratio:.0%}"] = (_keep, dict(_options, target_ratio=_ratio))
-# issue 9: MoDeGPT at 25 % of the block parameters and at 75 % of the total; SliceGPT ("reference", best "all")
+# Same-size comparisons: MoDeGPT at 25 % of the block parameters and at 75 % of the total; SliceGPT ("reference", best "all")
 # and slicegpt+modegpt (split: "all" slice to 90 % — slicegpt95: 95 % — of the dense total, then MoDeGPT with the
 # compression that lands on the target) at MoDeGPT's measured size
 MODEGPT_25 = "modegpt 0.25"
@@ -95,13 +95,13 @@ RECIPES |= {
     "slicegpt95+modegpt 75%": (True, dict(method="slicegpt+modegpt", slice=dict(ALL, target_ratio=0.95),
                                           target_ratio=0.75)),
 }
-SAME_SIZE = {  # issue 9 report: one table per total size
+SAME_SIZE = {  # one report table per total size
     f"at the size of {MODEGPT_25}": [MODEGPT_25, f"reference @{MODEGPT_25}", f"all @{MODEGPT_25}",
                                       f"slicegpt+modegpt @{MODEGPT_25}", f"slicegpt95+modegpt @{MODEGPT_25}"],
     "at 75 % of the dense total": ["modegpt 75%", "reference 75%", "all 75%", "slicegpt+modegpt 75%",
                                    "slicegpt95+modegpt 75%"],
 }
-TARGETS = (0.9, 0.8, 0.7)  # issue 12: at 10/20/30 % fewer total parameters ...
+TARGETS = (0.9, 0.8, 0.7)  # the goal: at 10/20/30 % fewer total parameters ...
 WANTED_REDUCTION = 0.30  # ... perplexity at least 30 % lower than the reference at the same size
 
 

@@ -70,9 +70,8 @@ class QuantizeOptions:
     block_size: int = 32  # MatMulNBits: weights per block along K (power of 2, ≥ 16)
     symmetric: bool = False  # MatMulNBits: no zero points (smaller, usually a little less accurate)
     # MatMulNBits compute type. 4 (int8 activations, per block) is what onnxruntime-genai's builder uses and
-    # ORT's fast CPU kernel; 0 computes in fp32 and is slower than the fp32 graph itself. Sliced SmolLM2
-    # 0.3 (fp32 graph 18 ms/token): int4 9.7 vs 105 ms/token, top-1 0.699 both, PTB ppl 215 vs 207;
-    # int8 8.6 vs 119 ms/token, top-1 0.84 vs 0.90. CUDA ignores it.
+    # ORT's fast CPU kernel; 0 computes in fp32, closer to the fp32 outputs but slower on CPU than the fp32
+    # graph itself (the README's quantization table has the measurements). CUDA ignores it.
     accuracy_level: int | None = 4
     int8_method: str = "nbits"  # int8: nbits (MatMulNBits 8-bit, weight-only) | dynamic (quantize_dynamic)
     per_channel: bool = True  # int8 dynamic: one scale per output channel (else per tensor)

@@ -344,37 +344,16 @@ def _bytes(dtype: str) -> int:
 
 
 def model_cost(model) -> ModelCost:
-    """ModelCost of a torch causal LM (canonical or HF) from its modules and config."""
-    from torch import nn
+    """ModelCost of a torch causal LM (canonical or HF), from its config by the one size model."""
+    from toolchain.model import sizes
 
-    seen, matmul, embedding, shortcut = {}, set(), set(), set()
-    for name, param in model.named_parameters(remove_duplicate=False):
-        seen.setdefault(id(param), param.numel())
-    for name, module in model.named_modules():
-        weight = getattr(module, "weight", None)
-        if weight is None:
-            continue
-        if isinstance(module, nn.Linear):
-            matmul.add(id(weight))
-            if "shortcut" in name:
-                shortcut.add(id(weight))
-        elif isinstance(module, nn.Embedding):
-            embedding.add(id(weight))
-    lookup_only = embedding - matmul  # a tied table is read whole as the head
-    config = model.config
-    layers = config.num_hidden_layers
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    qk = list(getattr(config, "qk_head_dims", None) or [head_dim] * layers)
-    v = list(getattr(config, "v_head_dims", None) or [head_dim] * layers)
+    decoder = sizes.describe(model.config)
+    params = sizes.parameters(decoder)
     return ModelCost(
-        params=sum(seen.values()), matmul_params=sum(seen[i] for i in matmul),
-        read_params=sum(n for i, n in seen.items() if i not in lookup_only),
-        shortcut_params=sum(seen[i] for i in shortcut), embedding_params=sum(seen[i] for i in embedding),
-        kv_elements_per_token=kv_heads * sum(a + b for a, b in zip(qk, v)),
-        attention_macs=[heads * (a + b) for a, b in zip(qk, v)],
-        max_positions=getattr(config, "max_position_embeddings", None))
+        params=params.total, matmul_params=params.matmul, read_params=params.total - params.lookup,
+        shortcut_params=params.report.shortcuts, embedding_params=params.tables,
+        kv_elements_per_token=sizes.kv_elements_per_token(decoder), attention_macs=sizes.attention_macs(decoder),
+        max_positions=getattr(model.config, "max_position_embeddings", None))
 
 
 def _ratio(new: float, old: float) -> float | None:

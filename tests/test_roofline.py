@@ -212,3 +212,30 @@ def test_cli_plan_table_json_and_errors(tmp_path):
     assert bad.exit_code == 2 and "h200-141gb" in bad.output and "Traceback" not in bad.output
     assert runner.invoke(app, ["plan", "--model", "phi-2", "--slice", "1"]).exit_code == 2
     assert runner.invoke(app, ["plan", "--model", "nobody/nothing"]).exit_code == 2
+
+
+def test_plan_sizes_follow_the_slice_options():
+    """The sliced variant is the model `toolchain slice` writes: SmolLM2 stays tied by default."""
+    def total(**options):
+        return rl.plan("smollm2-135m", gpus="h100", **options).to_dict()["variants"]["sliced"]["params"]["total"]
+
+    assert total(slice=0.3) == 103_559_936  # --tie slice --share none, as `slice` writes it
+    assert total(slice=0.3, tie="untie") > total(slice=0.3, tie="project") > total(slice=0.3)
+    assert total(slice=0.3, share="all") < total(slice=0.3, share="layer") < total(slice=0.3)
+    assert total(method="modegpt", compression=0.3) < rl.count_params(rl.model_shape("smollm2-135m"))["total"]
+    with pytest.raises(InvalidOptionError, match="--tie"):
+        rl.plan("smollm2-135m", tie="keep")
+    markdown = rl.render_markdown(rl.plan("smollm2-135m", gpus="h100", share="layer"))
+    assert "| shortcuts |" in markdown and "--share layer" in markdown
+
+
+def test_cli_plan_takes_the_slice_size_options():
+    runner = CliRunner()
+    result = runner.invoke(app, ["plan", "--model", "smollm2-135m", "--slice", "0.3", "--tie", "project",
+                                 "--share", "layer", "--gpu", "h100", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["settings"]["tie"] == "project" and data["settings"]["share"] == "layer"
+    assert data["variants"]["sliced"]["params"]["total"] == rl.plan(
+        "smollm2-135m", tie="project", share="layer", gpus="h100").to_dict()["variants"]["sliced"]["params"]["total"]
+    assert runner.invoke(app, ["plan", "--model", "smollm2-135m", "--share", "some"]).exit_code == 2

@@ -21,9 +21,10 @@ from dataclasses import dataclass
 import torch
 
 from toolchain.core.errors import InvalidOptionError
+from toolchain.model import sizes
 from toolchain.model.modeling import SlicedConfig
 
-SHARE_MODES = ("none", "layer", "all")
+SHARE_MODES = sizes.SHARE_MODES
 BUDGETS = ("uniform", "variance", "global")
 
 
@@ -44,57 +45,17 @@ class SizeModel:
 
 
 def position_groups(config: SlicedConfig, share: str, slice_head: bool) -> list[int]:
-    """Group id of every position 0..L. The head's position joins a group only when it is sliced
-    (an unsliced head stays in the original basis)."""
-    if share not in SHARE_MODES:
-        raise InvalidOptionError(f"unknown --share {share!r}; choose one of {', '.join(SHARE_MODES)}")
-    final = config.num_positions
-    if share == "none" or (share == "layer" and config.parallel_block):
-        groups = list(range(final))
-    elif share == "layer":
-        groups = [p // 2 for p in range(final)]
-    else:
-        groups = [0] * final
-    head_joins = share == "all" and slice_head
-    return groups + [groups[-1] if head_joins else max(groups) + 1]
+    """Group id of every position 0..L (see sizes.position_groups)."""
+    return sizes.position_groups(config.num_positions, config.parallel_block, share, slice_head)
 
 
 def size_model(config: SlicedConfig, groups: list[int], project_table: bool = False) -> SizeModel:
     """Size terms of `config`'s model once sliced with these groups. `project_table`: a tied model
-    that keeps its V x D table and reads it through a D x d_0 `embed_proj` (--tie project)."""
-    final, hidden, vocab = config.num_positions, config.hidden_size, config.vocab_size
-    linear, const, pairs = [0] * (final + 1), 0, []
-    rows = vocab
-    if config.position_embedding == "learned":
-        rows += config.max_position_embeddings + config.learned_position_offset
-    projected = project_table or config.embed_projection
-    if projected:  # full table + D x d_0 projection
-        const += rows * config.embedding_width
-        linear[0] += config.embedding_width
-    else:
-        linear[0] += rows
-    if config.tie_word_embeddings:  # the head is the table; only head_proj (table width x d_L) is extra
-        if projected:
-            linear[final] += config.embedding_width
-        else:
-            pairs.append((0, final))
-    else:
-        linear[final] += vocab
-    const += vocab if config.lm_head_bias else 0
-    heads, kv = config.num_attention_heads, config.num_key_value_heads
-    for layer in range(config.num_hidden_layers):
-        attn_in, mlp_in = config.layer_positions(layer)
-        qk, v, inner = config.qk_head_dims[layer], config.v_head_dims[layer], config.intermediate_sizes[layer]
-        qkv = heads * qk + kv * qk + kv * v
-        linear[attn_in] += qkv
-        const += qkv if config.qkv_bias else 0
-        linear[attn_in + 1] += heads * v + (1 if config.o_bias else 0)
-        ups = 2 if config.gated_mlp else 1
-        linear[mlp_in] += ups * inner
-        const += ups * inner if config.mlp_up_bias else 0
-        linear[mlp_in + 1] += inner + (1 if config.mlp_down_bias else 0)
-    pairs += [(p, p + 1) for p in range(final) if groups[p] != groups[p + 1]]
-    return SizeModel(hidden, const, tuple(linear), tuple(pairs))
+    that keeps its V x D table and reads it through a D x d_0 `embed_proj` (--tie project). The terms
+    come from the size model's tensor list, so a budget counts exactly what gets written."""
+    model = sizes.sliced(sizes.describe(config), list(config.residual_widths), groups, project_table)
+    const, linear, pairs = sizes.size_terms(model)
+    return SizeModel(config.hidden_size, const, tuple(linear), tuple(pairs))
 
 
 def check_group_widths(widths: list[int], groups: list[int]) -> None:
@@ -233,7 +194,7 @@ def plan_global(problem: BudgetProblem, target: int, losses: dict[int, list[floa
 # ---- honest accounting: never call a model compressed unless it is smaller than its input ----
 
 def weight_bytes(parameters: int, dtype: torch.dtype) -> int:
-    return parameters * torch.empty((), dtype=dtype).element_size()
+    return sizes.weight_bytes(parameters, dtype)
 
 
 def ensure_smaller(total: int, source_total: int, allow_larger: bool, what: str, fix: str) -> None:

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from toolchain.core.errors import InvalidOptionError
+from toolchain.model import sizes
 from toolchain.model.finite import require_finite_statistics
 from toolchain.model.modeling import SlicedForCausalLM, _carry, attention_bias
 from toolchain.compress.rotation import _set_weight
@@ -287,7 +288,7 @@ def _rows(linear, index: torch.Tensor):
 
 def _kept(current: int, sparsity: float, step: int = 1) -> int:
     """Kept size of a dim losing `sparsity` of itself, in units of `step` (RoPE pairs: 2)."""
-    return max(step, int(round((1.0 - sparsity) * current / step)) * step)
+    return sizes.kept_dim(current, sparsity, step)
 
 
 @torch.no_grad()
@@ -392,12 +393,14 @@ def compress_vo(model: SlicedForCausalLM, layer: int, corr: torch.Tensor, rank: 
     return {"v_dim": rank, "vo_error": discarded / max(total, 1e-300)}
 
 
-def block_parameters(layer) -> int:
-    return sum(p.numel() for p in layer.attn.parameters()) + sum(p.numel() for p in layer.mlp.parameters())
+def block_parameters(model, layer: int) -> int:
+    """Attention + MLP parameters of `layer`, from the config (the compress_* steps keep it current)."""
+    return sizes.block_parameters(sizes.describe(model.config), layer)
 
 
 def block_parameters_total(model) -> int:
-    return sum(block_parameters(layer) for layer in model.layers)
+    decoder = sizes.describe(model.config)
+    return sum(sizes.block_parameters(decoder, layer) for layer in range(decoder.num_layers))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -415,7 +418,7 @@ def resolve_sparsities(model, residuals, calibration, options: ModegptOptions) -
     if options.compression == 0.0:
         return [0.0] * layers, []
     influence = block_influence(model, residuals, calibration)
-    params = [block_parameters(layer) for layer in model.layers]
+    params = [block_parameters(model, layer) for layer in range(len(model.layers))]
     return layer_sparsities(influence, params, options.compression, options.temperature,
                             options.max_sparsity), influence
 

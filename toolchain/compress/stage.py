@@ -21,7 +21,7 @@ import torch
 from toolchain.compress import METHODS
 from toolchain.core.errors import InvalidOptionError, OutputPathError
 from toolchain.core.fileio import atomic_dir, write_json
-from toolchain.model.modeling import ParameterReport, count_parameters
+from toolchain.model.sizes import ParameterReport, count_parameters
 
 
 @dataclass

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -501,38 +500,8 @@ class SlicedForCausalLM(SlicedPreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{OUTPUT_CACHE_FIELD: past_key_values})
 
 
-@dataclass(frozen=True)
-class ParameterReport:
-    total: int
-    embeddings: int
-    lm_head: int
-    shortcuts: int
-    blocks: int
-    tied: bool
-
-    def as_dict(self) -> dict:
-        return dict(self.__dict__)
-
-
-def count_parameters(model: nn.Module) -> ParameterReport:
-    """Parameter counts with shortcuts, embeddings and head included; a tied head is counted once."""
-    seen: set[int] = set()
-    groups = {"embeddings": 0, "lm_head": 0, "shortcuts": 0, "blocks": 0}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        if id(param) in seen:
-            continue
-        seen.add(id(param))
-        if name.startswith(("embed_tokens", "embed_positions", "embed_proj", "model.embed", "model.decoder.embed")):
-            group = "embeddings"
-        elif name.startswith(("lm_head", "head_proj")):
-            group = "lm_head"
-        elif "shortcut" in name:
-            group = "shortcuts"
-        else:
-            group = "blocks"
-        groups[group] += param.numel()
-    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
-    return ParameterReport(total=sum(groups.values()), tied=bool(tied), **groups)
+# Parameter counts live with the rest of the size model (toolchain/model/sizes); kept importable here.
+from toolchain.model.sizes import ParameterReport, count_parameters  # noqa: E402,F401
 
 
 AutoConfig.register(SlicedConfig.model_type, SlicedConfig)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -9,23 +10,50 @@ import typer
 from rich.console import Console
 
 from toolchain.app.commands.common import app, user_errors
+from toolchain.app.commands.schema import schema_options
+from toolchain.compress.options import CompressOptions
+
+
+def _as_slice_declares(name: str):
+    """`toolchain slice`'s option `name`: its flags, help, checks and default."""
+    declared = CompressOptions.__dataclass_fields__[name]
+    return field(default=declared.default, metadata=declared.metadata)
+
+
+@dataclass(kw_only=True)
+class PlanSizeOptions:
+    """The options of `toolchain slice` that change the compressed model's size, so a plan describes the
+    model `slice` writes with the same flags (and the same defaults)."""
+
+    method: str = _as_slice_declares("method")
+    slice: float = _as_slice_declares("slice")
+    compression: float = _as_slice_declares("compression")
+    slice_head: bool = _as_slice_declares("slice_head")
+    tie: str = _as_slice_declares("tie")
+    share: str = _as_slice_declares("share")
 
 
 @app.command()
 @user_errors
+@schema_options(PlanSizeOptions, into="size")
 def plan(
     model: str = typer.Option(..., "--model", help="Short name (llama-2-70b, phi-2, opt-125m, ...), hub id, "
                                                    "checkpoint dir or config.json. Only the config is read."),
-    slice: float = typer.Option(0.3, "--slice", help="SliceGPT fraction of the hidden width removed, in [0, 1)."),
     gpu: str = typer.Option("all", "--gpu", help="GPU name(s), comma-separated, or 'all'."),
     batch: int = typer.Option(1, "--batch"),
     context: int = typer.Option(4096, "--context", help="Prompt length for prefill and cache length for decode."),
     dtype: str = typer.Option("fp16", "--dtype", help="fp32 | fp16 | bf16 | int8 | int4 (weight-only)."),
-    slice_head: bool = typer.Option(False, "--slice-head", help="Slice the LM head input too."),
     calibrate: Optional[Path] = typer.Option(None, "--calibrate", help="Bench JSON to fit efficiency factors."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON instead of a table."),
+    size: dict = None,
 ) -> None:
-    """Will the dense and the sliced model fit on a GPU, and how fast can they be at best (from the config)."""
+    """Will the dense and the compressed model fit on a GPU, and how fast can they be at best (from the config).
+
+    The compressed model is the one `toolchain slice` writes with the same --method, --slice, --slice-head,
+    --tie and --share: its parameter count is exact. MoDeGPT picks each layer's share of --compression from
+    calibration data, so the plan gives every layer the same fraction: its block total matches to within
+    per-layer rounding, but not layer by layer.
+    """
     import json
 
     from rich.table import Table
@@ -33,8 +61,8 @@ def plan(
     from toolchain.analysis import roofline
 
     efficiency = roofline.fit_efficiency(calibrate) if calibrate is not None else None
-    result = roofline.plan(roofline.resolve_config(model), slice=slice, gpus=gpu, batch=batch, context=context,
-                           dtype=dtype, slice_head=slice_head, efficiency=efficiency)
+    result = roofline.plan(roofline.resolve_config(model), gpus=gpu, batch=batch, context=context, dtype=dtype,
+                           efficiency=efficiency, **size)
     data = result.to_dict()
     if as_json:
         typer.echo(json.dumps(data, indent=2))

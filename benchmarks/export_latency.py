@@ -22,24 +22,22 @@ import torch
 
 from common import llama_shaped, machine_info, peak_rss_mb, write_results
 from exporters.onnx import ExportOptions, export_onnx
+from runtime.generate import KVStream
 from runtime.sessions import OrtSession, Session, TorchSession
-from toolchain.compress.slicegpt import SliceOptions, slice_model
+from toolchain.compress.options import SliceOptions
+from toolchain.compress.slicegpt import slice_model
 from toolchain.model.modeling import count_parameters
 
 
 def time_generation(session: Session, prompt: np.ndarray, decode_steps: int) -> tuple[float, float]:
     """(prefill seconds, mean seconds per decode step) of one greedy run."""
-    mask = np.ones_like(prompt)
-    positions = np.arange(prompt.shape[1], dtype=np.int64)[None]
+    stream = KVStream.prompt(session, np.ones_like(prompt))
     start = time.perf_counter()
-    logits, past = session.run(prompt, mask, positions, session.empty_past(1))
+    logits = stream.run(prompt)
     prefill = time.perf_counter() - start
     start = time.perf_counter()
     for _ in range(decode_steps):
-        token = logits[:, -1:].argmax(-1).astype(np.int64)
-        mask = np.concatenate([mask, np.ones((1, 1), np.int64)], axis=1)
-        positions = positions[:, -1:] + 1
-        logits, past = session.run(token, mask, positions, past)
+        logits = stream.decode(logits[:, -1:].argmax(-1).astype(np.int64))
     return prefill, (time.perf_counter() - start) / decode_steps
 
 

@@ -26,11 +26,15 @@ from pathlib import Path
 import torch
 
 from common import RESULTS, llama_shaped
-from toolchain.analysis import bench_plots, latency
+from runtime import latency
+from toolchain.analysis import bench_plots, bench_report
 from runtime.latency import BenchConfig, measure_session, model_cost
 from runtime.sessions import OrtSession, TorchSession
-from toolchain.compress.slicegpt import SliceOptions, slice_model, uniform_widths
-from toolchain.core.fileio import atomic_file, write_json, write_text
+from toolchain.compress.options import SliceOptions
+from toolchain.compress.slicegpt import slice_model
+from toolchain.compress.slicegpt.widths import uniform_widths
+from toolchain.core.fileio import atomic_file
+from toolchain.core.reports import write_report
 from toolchain.model.modeling import SlicedForCausalLM
 
 SCHEMA = "toolchain.latency_suite/1"
@@ -164,7 +168,7 @@ def _ab_rows(sessions: dict, costs: dict, variants: dict, backend: str, config: 
                          "ideal_ratio": costs[name].decode_bytes("fp32", batch, middle)
                          / costs["dense"].decode_bytes("fp32", batch, middle),
                          "gap_vs_weight_bytes_pct": (ratio / weight_ratio - 1) * 100,
-                         "load_average": latency._load()})
+                         "load_average": latency.load_average()})
             print(f"  A/B {backend} {name} batch {batch}: sliced/dense {ratio:.3f} (weight bytes "
                   f"{weight_ratio:.3f})", flush=True)
     return rows
@@ -279,8 +283,7 @@ def _summary_rows(data: dict) -> list[str]:
 
 
 def write(data: dict, out: Path, name: str) -> None:
-    write_json(out / f"{name}.json", data)
-    write_text(out / f"{name}.md", render(data))
+    write_report(out, data, render, name)
     results = data["results"]
     comparisons = data["comparisons"] + [{**row, "phase": "decode A/B", "model_label": shape}
                                          for shape, ab in data.get("ab", {}).items() for row in ab["rows"]]
@@ -348,7 +351,7 @@ def main() -> None:
         Path(out).write_text(json.dumps({"results": results, "cost": cost, "timings": timings}))
         return
 
-    data = latency.new_report(None, "cpu", "fp32", config)
+    data = bench_report.new_report(None, "cpu", "fp32", config)
     data["config"].update(exporter=args.exporter, export_optimize=args.optimize, backends=sorted(args.backends))
     data.update(schema=SCHEMA, build="llama-shaped random weights", shapes={s: SHAPES[s] for s in shapes},
                 models={s: {} for s in shapes}, timings={}, profiles={}, ab={}, target=None)
@@ -362,8 +365,8 @@ def main() -> None:
                 variant = variant_name(fraction)
                 if variant in data["models"].get(shape, {}):
                     continue
-                load = latency._load()
-                print(f"{shape} {variant} ({time.strftime('%H:%M:%S')}, load {latency._load()})", flush=True)
+                load = latency.load_average()
+                print(f"{shape} {variant} ({time.strftime('%H:%M:%S')}, load {latency.load_average()})", flush=True)
                 part = Path(parts) / f"{shape}-{variant}.json"
                 subprocess.run([sys.executable, __file__, *sys.argv[1:], "--worker",
                                 f"variant:{shape}:{fraction}:{part}"], check=True)
@@ -377,7 +380,7 @@ def main() -> None:
                 data["timings"][f"{shape} {variant}"] = {**timings, "load_average": load}
                 data["comparisons"] = suite_comparisons(data)
                 data["target"] = target_summary(data)
-                data["machine"]["load_average_end"] = latency._load()
+                data["machine"]["load_average_end"] = latency.load_average()
                 write(data, args.out, args.name)
             if args.ab and shape not in data.setdefault("ab", {}):
                 print(f"{shape} interleaved A/B at {args.ab_slices} ({time.strftime('%H:%M:%S')})", flush=True)
@@ -385,7 +388,7 @@ def main() -> None:
                 subprocess.run([sys.executable, __file__, *sys.argv[1:], "--worker",
                                 f"ab:{shape}:{args.ab_slices}:{part}"], check=True)
                 data["ab"][shape] = json.loads(part.read_text())
-                data["machine"]["load_average_end"] = latency._load()
+                data["machine"]["load_average_end"] = latency.load_average()
                 data["target"] = target_summary(data)
                 write(data, args.out, args.name)
     data["comparisons"] = suite_comparisons(data)
@@ -410,17 +413,17 @@ def merge_previous(data: dict, old: dict) -> dict:
 
 
 def worker_tick() -> None:
-    print(f"  measured one at {time.strftime('%H:%M:%S')}, load {latency._load()}", flush=True)
+    print(f"  measured one at {time.strftime('%H:%M:%S')}, load {latency.load_average()}", flush=True)
 
 
 def suite_comparisons(data: dict) -> list[dict]:
-    """latency.compare per shape (variants are only compared with their own shape's dense)."""
+    """bench_report.compare per shape (variants are only compared with their own shape's dense)."""
     rows = []
     for shape, models in data["models"].items():
         fields = latency.ModelCost.__dataclass_fields__
         costs = {name: latency.ModelCost(**{k: v for k, v in cost.items() if k in fields})
                  for name, cost in models.items()}
-        for row in latency.compare([r for r in data["results"] if r["model_label"] == shape], costs):
+        for row in bench_report.compare([r for r in data["results"] if r["model_label"] == shape], costs):
             rows.append({"model_label": shape, **row})
     return rows
 

@@ -12,7 +12,8 @@ import time
 import torch
 
 from common import llama_shaped, machine_info, peak_rss_mb, write_results
-from toolchain.compress.slicegpt import SliceOptions, slice_model
+from toolchain.compress.options import SliceOptions
+from toolchain.compress.slicegpt import slice_model
 from toolchain.model.modeling import count_parameters
 
 

@@ -40,7 +40,8 @@ import torch
 from common import RESULTS, machine_info, write_results
 from toolchain.model.adapters import to_canonical
 from toolchain.compress.modegpt import ModegptOptions, block_parameters_total, modegpt_model
-from toolchain.compress.slicegpt import SliceOptions, slice_model
+from toolchain.compress.options import SliceOptions
+from toolchain.compress.slicegpt import slice_model
 from toolchain.data.text import eval_windows, load_text, token_windows
 from runtime.evaluate import perplexity
 from toolchain.model.modeling import count_parameters

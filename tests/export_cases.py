@@ -13,7 +13,8 @@ import torch
 from exporters.onnx import ExportOptions, export_onnx, trace_onnx
 from tiny_models import VOCAB, tiny_hf_model
 from toolchain.model.adapters import to_canonical
-from toolchain.compress.slicegpt import SliceOptions, slice_model
+from toolchain.compress.options import SliceOptions
+from toolchain.compress.slicegpt import slice_model
 
 _SLICED: dict[str, torch.nn.Module] = {}
 _EXPORTS: dict[tuple[str, str, bool], Path] = {}

@@ -169,7 +169,7 @@ def test_corrupted_genai_config_fails_in_our_validation(case, root, deploy_root,
     corrupt, message = _corruptions()[case]
     (package / GENAI_CONFIG).write_text(corrupt(json.loads(json.dumps(good))))
 
-    import exporters.genai as genai_module
+    import exporters.genai.run as genai_module
 
     def genai_not_reached():
         raise AssertionError("onnxruntime-genai was called before our validation")
@@ -322,7 +322,8 @@ def confident_llama(hidden: int = 256, seed: int = 0):
 
 @pytest.fixture(scope="module")
 def confident_export(deploy_root):
-    from toolchain.compress.slicegpt import SliceOptions, slice_model
+    from toolchain.compress.options import SliceOptions
+    from toolchain.compress.slicegpt import slice_model
 
     model = to_canonical(confident_llama()).eval()
     calib = torch.randint(3, VOCAB, (16, 24), generator=torch.Generator().manual_seed(0))

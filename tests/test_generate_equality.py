@@ -23,7 +23,8 @@ from runtime.generate import greedy_generate
 from runtime.sessions import OrtSession
 from tiny_models import ARCHS, VOCAB, WIDE, tiny_hf_model, tiny_tokenizer
 from toolchain.model.adapters import to_canonical
-from toolchain.compress.slicegpt import SliceOptions, slice_model
+from toolchain.compress.options import SliceOptions
+from toolchain.compress.slicegpt import slice_model
 from toolchain.model.modeling import OUTPUT_CACHE_FIELD, given_cache
 
 NEW_TOKENS = 32

@@ -13,13 +13,17 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from runtime import latency, roofline
-from runtime.latency import BenchConfig, bench_build, measure_session, model_cost
+from runtime import latency
+from runtime.latency import BenchConfig, measure_session, model_cost
 from runtime.sessions import TorchSession
 from tiny_models import VOCAB, save_tiny_checkpoint, tiny_hf_model
 from toolchain.model.adapters import to_canonical
+from toolchain.analysis import bench_report, roofline
+from toolchain.app import bench
+from toolchain.app.bench import bench_build
 from toolchain.app.cli import app
-from toolchain.compress.slicegpt import SliceOptions, slice_model
+from toolchain.compress.options import SliceOptions
+from toolchain.compress.slicegpt import slice_model
 from toolchain.core.errors import ArtifactError, InvalidOptionError
 
 SMALL = dict(prompts="8,16", batches="1,2", steps=4, warmup=1, repeats=2, context=8, threads=1)
@@ -50,7 +54,7 @@ def build(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def report(build, tmp_path_factory) -> latency.BenchResult:
+def report(build, tmp_path_factory) -> bench.BenchResult:
     calls = []
     result = bench_build(build, build / "reports" / "latency", progress=lambda d, t: calls.append((d, t)), **SMALL)
     result.calls = calls
@@ -104,8 +108,8 @@ def test_comparison_puts_ideal_next_to_measured():
     results = [dict(base, variant="dense", p50_ms=10.0, measured_ms=40.0),
                dict(base, variant="sliced", p50_ms=12.0, measured_ms=48.0)]
     costs = {"dense": model_cost(to_canonical(tiny_hf_model("llama"))), "sliced": model_cost(sliced_tiny())}
-    (row,) = latency.compare(results, costs)
-    assert set(row) == set(latency.COMPARISON_KEYS)
+    (row,) = bench_report.compare(results, costs)
+    assert set(row) == set(bench_report.COMPARISON_KEYS)
     assert row["latency_ratio"] == pytest.approx(1.2) and row["speedup"] == pytest.approx(1 / 1.2)
     assert row["ideal_ratio"] < 1 and row["gap_pct"] > 20
     assert row["verdict"] == "SLOWER than dense"  # a slower slice can never hide
@@ -113,7 +117,7 @@ def test_comparison_puts_ideal_next_to_measured():
 
 def test_bench_build_json_schema_is_stable(report, build):
     data = json.loads(report.json_path.read_text())
-    assert list(data) == list(latency.TOP_KEYS)
+    assert list(data) == list(bench_report.TOP_KEYS)
     assert data["schema"] == "toolchain.latency/1" and data["provider"] == "cpu"
     assert {"cpu", "cpu_count", "torch_threads", "load_average"} <= set(data["machine"])
     assert {"torch", "onnxruntime", "python"} <= set(data["versions"])
@@ -130,7 +134,7 @@ def test_bench_build_json_schema_is_stable(report, build):
     # every sliced measurement is compared with the dense one on the same backend
     assert len(data["comparisons"]) == 8
     for row in data["comparisons"]:
-        assert list(row) == list(latency.COMPARISON_KEYS)
+        assert list(row) == list(bench_report.COMPARISON_KEYS)
         assert 0 < row["ideal_ratio"] < 1 and row["latency_ratio"] > 0
     assert report.calls[-1] == (16, 16) and report.calls[0] == (0, 16)
     markdown = report.markdown_path.read_text()

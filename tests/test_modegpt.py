@@ -12,7 +12,7 @@ import toolchain.model  # noqa: F401  (registers the canonical model with the Au
 from tiny_models import ARCHS, VOCAB, batch_with_left_padding, calibration_batch, logits, masked_max_diff, tiny_hf_model
 from toolchain.model.adapters import to_canonical
 from toolchain.compress import modegpt as mg
-from toolchain.compress.slicegpt import SliceOptions
+from toolchain.compress.options import SliceOptions
 from toolchain.core.errors import InvalidOptionError
 from toolchain.model.modeling import count_parameters
 
@@ -273,7 +273,8 @@ FAST_ONNX = ("llama", "phi", "opt")  # RoPE pairs under GQA, partial rotary, no 
 def test_onnx_export_matches_torch(arch, tmp_path):
     ort = pytest.importorskip("onnxruntime")
     onnx_export = pytest.importorskip("exporters.onnx")
-    from exporters.kv_wrapper import KVCacheWrapper, example_inputs, input_names
+    from exporters.kv_wrapper import KVCacheWrapper, example_inputs
+    from toolchain.core.iospec import input_names
 
     model = mg.modegpt_model(to_canonical(tiny_hf_model(arch)), *calibration(),
                              mg.ModegptOptions(compression=0.3, temperature=math.inf))

@@ -10,7 +10,8 @@ from transformers import AutoModelForCausalLM
 import toolchain.model  # noqa: F401  (registers the canonical model with the Auto classes)
 from tiny_models import ARCHS, VOCAB, batch_with_left_padding, logits, masked_max_diff, tiny_hf_model
 from toolchain.model.adapters import to_canonical
-from toolchain.compress.slicegpt import SliceOptions, slice_model
+from toolchain.compress.options import SliceOptions
+from toolchain.compress.slicegpt import slice_model
 from toolchain.model.modeling import count_parameters
 
 

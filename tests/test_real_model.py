@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from toolchain.model.adapters import to_canonical
-from toolchain.compress.slicegpt import SliceOptions, slice_model
+from toolchain.compress.options import SliceOptions
+from toolchain.compress.slicegpt import slice_model
 from toolchain.data.text import eval_windows, load_text, token_windows
 from runtime.evaluate import perplexity
 from toolchain.data.sources import load_hf_model, resolve_model

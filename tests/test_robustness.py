@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from tiny_models import VOCAB, save_tiny_checkpoint, tiny_hf_model
 from toolchain.app.cli import app
-from toolchain.compress.slicegpt import covariance
+from toolchain.compress.slicegpt.statistics import covariance
 from toolchain.core.errors import NonFiniteError
 from toolchain.core.fileio import LOCK_FILE
 

@@ -17,11 +17,12 @@ import hashlib
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
 from toolchain import __version__
+from toolchain.compress.options import CompressOptions
 from toolchain.core.errors import InvalidOptionError, OutputPathError, ToolchainError
 from toolchain.core.fileio import LOCK_FILE, exclusive_dir, sha256_file, write_json
 from toolchain.core.versions import library_versions
@@ -42,24 +43,11 @@ DEPLOY_KINDS = ("genai", "triton")
 QUANTIZE_EVAL_WINDOWS = 4  # x --seqlen tokens of the calibration text's test split: top-1 and ppl vs fp32
 
 
-@dataclass
-class BuildOptions:
-    model: str
+@dataclass(kw_only=True)
+class BuildOptions(CompressOptions):
+    """The compress stage's options (declared in toolchain/compress/options.py) and the later stages'."""
+
     target: str = "onnx"
-    method: str = "slicegpt"
-    slice: float = 0.3
-    compression: float = 0.25
-    widths: list[int] | None = None
-    rotation: str = "pca"
-    slice_head: bool = False
-    tie: str = "slice"
-    calib: str = "ptb"
-    nsamples: int = 32
-    seqlen: int = 256
-    seed: int = 0
-    device: str = "auto"  # calibration/PCA device: auto = CUDA when available
-    stream: bool = True  # SliceGPT layer by layer (bounded memory; identical bytes either way)
-    offload_activations: str | None = None  # dir for calibration activations instead of memory
     dtype: str = "fp32"  # ONNX precision (the TensorRT bundle is always fp16)
     provider: str = "cpu"
     bench: bool = True
@@ -109,13 +97,8 @@ class BuildOptions:
         return QuantizeOptions(mode=self.quantize, block_size=self.block_size, algorithm=self.quant_algorithm,
                                accuracy_level=accuracy_level(self.quant_compute), overwrite=True)
 
-    def compress_options(self):
-        from toolchain.compress.stage import CompressOptions
-
-        fields = {k: getattr(self, k) for k in ("model", "method", "slice", "compression", "widths", "rotation",
-                                                 "slice_head", "tie", "calib", "nsamples", "seqlen", "seed", "device",
-                                                 "stream", "offload_activations")}
-        return CompressOptions(**fields)
+    def compress_options(self) -> CompressOptions:
+        return CompressOptions(**{f.name: getattr(self, f.name) for f in fields(CompressOptions)})
 
 
 @dataclass
@@ -194,7 +177,7 @@ def run_deploy(build: Path, options: BuildOptions, progress=None) -> str:
 
 
 def run_bench(build: Path, options: BuildOptions, progress=None) -> None:
-    from runtime.latency import bench_build
+    from toolchain.app.bench import bench_build
 
     # the build's own bench stays short (two prompt lengths); `toolchain bench` runs the full sweep
     bench_build(build, build / "reports" / "latency", provider=options.provider, prompts="128,512",
@@ -205,15 +188,15 @@ def run_eval(build: Path, options: BuildOptions, progress=None) -> None:
     """Perplexity of the source model and of the compressed one, same protocol."""
     from toolchain.data.text import eval_windows, load_text
     from runtime.evaluate import perplexity, write_report
+    from runtime.loading import load_causal_lm
     from toolchain.data.sources import load_hf_model, resolve_model
-    from toolchain.model import SlicedForCausalLM
 
     dense, tokenizer = load_hf_model(resolve_model(options.model))
     windows = eval_windows(tokenizer, load_text(options.eval, "test"), seqlen=512, max_windows=EVAL_WINDOWS)
     where = {"dataset": options.eval, "split": "test"}
     dense_ppl = perplexity(dense, tokenizer, windows, seqlen=512) | where
     del dense
-    compressed = SlicedForCausalLM.from_pretrained(build / "sliced").eval()
+    compressed, _ = load_causal_lm(build / "sliced")
     compressed_ppl = perplexity(compressed, tokenizer, windows, seqlen=512) | where
     out = build / "reports" / "eval"
     write_report(out, {"model": options.model, "perplexity": dense_ppl}, stem="dense")

@@ -29,7 +29,7 @@ W_v (and v bias), the column blocks of the right factor each q head's W_o.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -39,20 +39,8 @@ from toolchain.model import sizes
 from toolchain.model.finite import require_finite_statistics
 from toolchain.model.modeling import SlicedForCausalLM, _carry, attention_bias
 from toolchain.compress.rotation import _set_weight
-from toolchain.compress.slicegpt import SliceOptions, slice_model
-
-
-@dataclass
-class ModegptOptions:
-    compression: float = 0.0  # fraction of block (attention + MLP) parameters removed
-    temperature: float = 0.1  # ε of the layer budget softmax; math.inf gives every layer the same sparsity
-    max_sparsity: float = 0.8  # per-layer clip
-    layer_sparsity: list[float] | None = None  # explicit per-layer sparsity (skips block influence)
-    damping: float = 0.01  # ridge of the least-squares solves, × mean of the correlation diagonal
-    ridge: float = 1.0  # λ of the ridge leverage scores, × mean of the C_σ diagonal
-    batch_size: int = 8
-    device: str = "cpu"
-    extra: dict = field(default_factory=dict)
+from toolchain.compress.options import ModegptOptions, SliceOptions
+from toolchain.compress.slicegpt import slice_model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -454,9 +442,7 @@ def modegpt_model(model: SlicedForCausalLM, input_ids: torch.Tensor, attention_m
     """Compress `model` in place with MoDeGPT. `input_ids`/`attention_mask`: calibration windows [n, seq].
     Works on dense and on SliceGPT-sliced models (per-layer widths, shortcuts)."""
     device, config = torch.device(options.device), model.config
-    if not 0.0 <= options.compression <= options.max_sparsity:
-        raise InvalidOptionError(f"--compression must be in [0, {options.max_sparsity}], got {options.compression}; "
-                                 "e.g. --compression 0.3 removes 30% of the block parameters")
+    options.validate()
     model.eval()
     before = block_parameters_total(model)
     residuals, calibration = embed_calibration(model, input_ids, attention_mask, options.batch_size, device)

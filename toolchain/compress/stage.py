@@ -13,85 +13,15 @@ records the device used.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from toolchain.compress import METHODS
+from toolchain.compress.options import CompressOptions, resolve_device
 from toolchain.core.errors import InvalidOptionError, OutputPathError
 from toolchain.core.fileio import atomic_dir, write_json
 from toolchain.model.sizes import ParameterReport, count_parameters
-
-
-@dataclass
-class CompressOptions:
-    model: str
-    method: str = "slicegpt"
-    slice: float = 0.3
-    compression: float = 0.25  # MoDeGPT: fraction of block parameters removed
-    widths: list[int] | None = None
-    rotation: str = "pca"
-    slice_head: bool = False
-    tie: str = "slice"  # tied-embedding models: slice | project | untie (reference behaviour)
-    tie_basis: str = "joint"  # --tie slice: Q_0 from the first stream + head input (joint) | first stream only
-    share: str = "none"  # none | layer | all: positions sharing one rotation (no shortcut between them)
-    target_params: int | None = None  # total parameters to keep; widths picked to fit (overrides --slice)
-    target_ratio: float | None = None  # the same, as a fraction of the source's tied total
-    budget: str = "variance"  # how a target is met: uniform | variance | global (PCA spectra)
-    allow_larger: bool = False  # write the result even when it is not smaller than the input
-    calib: str = "ptb"
-    nsamples: int = 32
-    seqlen: int = 256
-    seed: int = 0
-    device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda | cuda:N
-    batch_size: int = 8
-    stream: bool = True  # SliceGPT: read and write the model layer by layer (bounded memory)
-    offload_activations: str | None = None  # dir for calibration activations (files) instead of memory
-    extra: dict = field(default_factory=dict)
-
-    def validate(self) -> None:
-        if self.method not in METHODS:
-            raise InvalidOptionError(f"unknown --method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if not isinstance(self.slice, (int, float)) or not 0.0 <= self.slice < 1.0:
-            raise InvalidOptionError(f"--slice must be a number in (0, 1), got {self.slice!r}; e.g. --slice 0.3")
-        if self.method != "modegpt" and self.widths is None and self.slice == 0 and self.rotation == "pca" \
-                and self.target_params is None and self.target_ratio is None:
-            raise InvalidOptionError("--slice 0 removes nothing; pass a fraction in (0, 1), e.g. --slice 0.3")
-        from toolchain.compress.slicegpt import ROTATIONS
-
-        if self.rotation not in ROTATIONS:
-            raise InvalidOptionError(f"unknown --rotation {self.rotation!r}; choose one of {', '.join(ROTATIONS)}")
-        from toolchain.data.text import check_source_name
-
-        check_source_name(self.calib)
-        if self.tie not in ("slice", "project", "untie"):
-            raise InvalidOptionError(f"unknown --tie {self.tie!r}; choose slice, project or untie")
-        from toolchain.compress.slicegpt import validate_budget_options
-
-        validate_budget_options(self.target_params, self.target_ratio, self.share, self.tie_basis, self.budget)
-        if "modegpt" in self.method and not 0.0 <= self.compression < 1.0:
-            raise InvalidOptionError(f"--compression must be in [0, 1), got {self.compression!r}")
-        for name in ("nsamples", "seqlen", "batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise InvalidOptionError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
-        resolve_device(self.device)
-        if self.offload_activations is not None and not Path(self.offload_activations).is_dir():
-            raise InvalidOptionError(f"--offload-activations {self.offload_activations}: no such directory; "
-                                     "create it or pass an existing one")
-
-
-def resolve_device(name: str) -> str:
-    """`auto` → `cuda` when torch sees a GPU, else `cpu`; other names are checked and returned."""
-    if not isinstance(name, str) or not (name in ("auto", "cpu", "cuda") or
-                                         (name.startswith("cuda:") and name[5:].isdigit())):
-        raise InvalidOptionError(f"unknown --device {name!r}; choose auto, cpu, cuda or cuda:N")
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise InvalidOptionError(f"--device {name}: CUDA is not available here; use --device cpu (or auto)")
-    return name
 
 
 @dataclass
@@ -159,7 +89,8 @@ def _open_streamed(options: CompressOptions, resolved, tmp: Path):
 def compress_to_dir(options: CompressOptions, out_dir: str | Path, overwrite: bool = False,
                     progress=None) -> CompressResult:
     from toolchain.compress.budget import ensure_smaller, weight_bytes
-    from toolchain.compress.slicegpt import SliceOptions, check_plan_is_smaller, resolve_widths, slice_model
+    from toolchain.compress.slicegpt import slice_model
+    from toolchain.compress.slicegpt.widths import check_plan_is_smaller, resolve_widths
     from toolchain.data.text import load_text, token_windows
     from toolchain.data.sources import resolve_model
 
@@ -182,11 +113,7 @@ def compress_to_dir(options: CompressOptions, out_dir: str | Path, overwrite: bo
         target = options.target_params
         if options.target_ratio is not None:  # a fraction of the source's tied total
             target = int(options.target_ratio * dense_params.total)
-        slice_options = SliceOptions(slice=options.slice, widths=options.widths, rotation=options.rotation,
-                                     slice_head=options.slice_head, tie=options.tie, seed=options.seed, device=device,
-                                     batch_size=options.batch_size, extra={"calibration": options.calib},
-                                     tie_basis=options.tie_basis, share=options.share, target_params=target,
-                                     budget=options.budget)
+        slice_options = options.slice_options(device, target)
         if options.method == "slicegpt":  # impossible widths, or a result that cannot be smaller: fail before calibrating
             check_plan_is_smaller(model, slice_options, dense_params.total, options.allow_larger)
         elif "slicegpt" in options.method:
@@ -198,10 +125,10 @@ def compress_to_dir(options: CompressOptions, out_dir: str | Path, overwrite: bo
             slice_model(model, windows.input_ids, windows.attention_mask, slice_options, progress=progress,
                         weights=weights, offload=offload)
         if "modegpt" in options.method:
-            from toolchain.compress.modegpt import ModegptOptions, modegpt_model
+            from toolchain.compress.modegpt import modegpt_model
 
-            modegpt_model(model, windows.input_ids, windows.attention_mask,
-                          ModegptOptions(compression=options.compression), progress=progress)
+            modegpt_model(model, windows.input_ids, windows.attention_mask, options.modegpt_options(),
+                          progress=progress)
             if options.method == "slicegpt+modegpt":
                 model.config.compression = {**model.config.compression, "slice": options.slice,
                                             "method": options.method}

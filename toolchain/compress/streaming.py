@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from toolchain.model.adapters.base import Adapter, TensorSource, embedding_state, head_state, layer_state
-from toolchain.compress.slicegpt import WeightStore
+from toolchain.compress.slicegpt.weights import WeightStore
 from toolchain.model.finite import require_finite_weight
 from toolchain.model.modeling import SlicedForCausalLM
 

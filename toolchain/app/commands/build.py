@@ -8,32 +8,19 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from toolchain.app.commands.common import (DEVICE_OPTION, OFFLOAD_OPTION, QUANT_ALGORITHM_OPTION, QUANT_COMPUTE_OPTION,
-                                           STREAM_OPTION, app, console, parse_widths, print_parameter_table,
-                                           stage_progress, user_errors)
+from toolchain.app.commands.common import (QUANT_ALGORITHM_OPTION, QUANT_COMPUTE_OPTION, app, console,
+                                           print_parameter_table, stage_progress, user_errors)
+from toolchain.app.commands.schema import schema_options
+from toolchain.compress.options import CompressOptions
 
 
 @app.command("build")
 @user_errors
+@schema_options(CompressOptions, into="values")
 def build_command(
-    model: str = typer.Option(..., "--model", "-m", help="Hub id, short name (smollm2-135m, phi-2, ...), HF dir or .gguf"),
     out: Path = typer.Option(..., "--out", "-o", help="Build directory (created; an existing build resumes)"),
-    slice_: float = typer.Option(0.3, "--slice", help="Fraction of the hidden width removed, in [0, 1)"),
     target: str = typer.Option("onnx", help="torch | onnx | trt"),
-    method: str = typer.Option("slicegpt", help="slicegpt | modegpt | slicegpt+modegpt"),
-    compression: float = typer.Option(0.25, help="MoDeGPT: fraction of block parameters removed"),
     dtype: str = typer.Option("fp32", help="ONNX precision: fp32 | fp16"),
-    calib: str = typer.Option("ptb", help="Calibration text: ptb | wikitext2 | c4 | alpaca | a local file"),
-    nsamples: int = typer.Option(32, help="Calibration windows"),
-    seqlen: int = typer.Option(256, help="Tokens per calibration window"),
-    widths: Optional[str] = typer.Option(None, help="Explicit residual widths, comma-separated"),
-    rotation: str = typer.Option("pca", help="pca | random | identity"),
-    slice_head: bool = typer.Option(False, "--slice-head", help="Also slice the LM head input"),
-    tie: str = typer.Option("slice", help="Tied embeddings: slice | project | untie"),
-    seed: int = typer.Option(0, help="Calibration sampling seed"),
-    device: str = DEVICE_OPTION,
-    stream: bool = STREAM_OPTION,
-    offload_activations: Optional[Path] = OFFLOAD_OPTION,
     provider: str = typer.Option("cpu", help="ONNX Runtime provider for validate/bench: cpu | cuda | tensorrt"),
     bench: bool = typer.Option(True, "--bench/--no-bench", help="Run the latency benchmark stage"),
     eval_: Optional[str] = typer.Option(None, "--eval", help="Also measure perplexity (dense vs compressed) on this text"),
@@ -48,6 +35,7 @@ def build_command(
     force: bool = typer.Option(False, "--force", help="Redo every stage"),
     quiet: bool = typer.Option(False, "--quiet", help="No progress output"),
     json_log: bool = typer.Option(False, "--json", help="Machine-readable JSON log lines on stdout"),
+    values: dict = None,  # the compression options, from the schema
 ) -> None:
     """Compress, export, validate and benchmark in one resumable build directory."""
     import json
@@ -55,12 +43,9 @@ def build_command(
 
     from toolchain.app.pipeline import BuildOptions, build
 
-    options = BuildOptions(model=model, target=target, method=method, slice=slice_, compression=compression,
-                           widths=parse_widths(widths), rotation=rotation, slice_head=slice_head, tie=tie, calib=calib,
-                           nsamples=nsamples, seqlen=seqlen, seed=seed, device=device, dtype=dtype,
-                           provider=provider, bench=bench, eval=eval_, quantize=quantize, block_size=block_size,
-                           quant_algorithm=quant_algorithm, quant_compute=quant_compute, deploy=deploy, stream=stream,
-                           offload_activations=str(offload_activations) if offload_activations else None)
+    options = BuildOptions(**values, target=target, dtype=dtype, provider=provider, bench=bench, eval=eval_,
+                           quantize=quantize, block_size=block_size, quant_algorithm=quant_algorithm,
+                           quant_compute=quant_compute, deploy=deploy)
 
     def on_stage(name: str, event: str) -> None:
         if json_log:

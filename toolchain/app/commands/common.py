@@ -1,19 +1,19 @@
 """The shared `toolchain` app: one-line user errors with exit code 2, progress bars, the parameter
-table and the options several commands share."""
+table and the options several commands share (the compression options come from their schema: see
+schema.py)."""
 
 from __future__ import annotations
 
 import contextlib
 import functools
 import sys
-from typing import Optional
 
 import typer
 import typer.core
 from rich.console import Console
 from rich.markup import escape
 
-from toolchain.core.errors import InvalidOptionError, ToolchainError
+from toolchain.core.errors import ToolchainError
 
 
 class OneLineUsageErrors(typer.core.TyperGroup):
@@ -59,15 +59,6 @@ def user_errors(fn):
     return wrapper
 
 
-def parse_widths(text: Optional[str]) -> Optional[list[int]]:
-    if not text:
-        return None
-    try:
-        return [int(part) for part in text.split(",")]
-    except ValueError:
-        raise InvalidOptionError(f"--widths must be comma-separated integers, got {text!r}") from None
-
-
 def print_parameter_table(title: str, summary: dict) -> None:
     from rich.table import Table
 
@@ -88,15 +79,6 @@ QUANT_ALGORITHM_OPTION = typer.Option("minmax", "--quant-algorithm", help="int4 
                                       "(optimised scales, slower to quantize)")
 QUANT_COMPUTE_OPTION = typer.Option("int8", "--quant-compute", help="MatMulNBits activations on CPU: int8 (ORT's "
                                     "fast kernel, accuracy_level 4) | fp32 (closer to fp32 outputs, much slower)")
-
-
-# calibration placement, shared by `slice` and `build`
-DEVICE_OPTION = typer.Option("auto", "--device", help="Compute device for calibration/PCA: auto (CUDA when "
-                             "available) | cpu | cuda | cuda:N")
-STREAM_OPTION = typer.Option(True, "--stream/--no-stream", help="SliceGPT: read, slice and write one layer at a "
-                             "time (bounded memory; same bytes as --no-stream)")
-OFFLOAD_OPTION = typer.Option(None, "--offload-activations", help="Existing dir for the calibration activations "
-                              "(files) instead of memory")
 
 
 @contextlib.contextmanager

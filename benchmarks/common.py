@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import platform
 import resource
 import sys
@@ -43,7 +42,6 @@ def llama_shaped(hidden=768, layers=12, heads=12, kv_heads=12, inner=2048, vocab
 
 
 def write_results(name: str, payload: dict, markdown: str) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
-    (RESULTS / f"{name}.md").write_text(markdown)
-    return RESULTS / f"{name}.json"
+    from toolchain.core.reports import write_report
+
+    return write_report(RESULTS, payload, lambda _: markdown, name)["json"]

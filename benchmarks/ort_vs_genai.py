@@ -185,20 +185,19 @@ class OursRunner:
         self.session = OrtSession(path, kv_buffer=PROMPT + DECODE + 1, spinning=spinning)
 
     def prefill(self, prompt: np.ndarray) -> float:
-        self.mask = np.ones_like(prompt)
-        positions = np.arange(prompt.shape[1], dtype=np.int64)[None]
+        from runtime.generate import KVStream
+
+        self.stream = KVStream.prompt(self.session, np.ones_like(prompt))
         start = time.perf_counter()
-        logits, self.past = self.session.run(prompt, self.mask, positions, self.session.empty_past(1))
+        logits = self.stream.run(prompt)
         self.next = logits[:, -1].argmax(-1).astype(np.int64)[:, None]
         elapsed = (time.perf_counter() - start) * 1e3
         self.generated = [int(self.next[0, 0])]
         return elapsed
 
     def step(self) -> float:
-        total = self.mask.shape[1]
         start = time.perf_counter()
-        self.mask = np.ones((1, total + 1), np.int64)
-        logits, self.past = self.session.run(self.next, self.mask, np.array([[total]], np.int64), self.past)
+        logits = self.stream.decode(self.next)
         self.next = logits[:, -1].argmax(-1).astype(np.int64)[:, None]
         elapsed = (time.perf_counter() - start) * 1e3
         self.generated.append(int(self.next[0, 0]))

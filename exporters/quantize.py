@@ -284,8 +284,8 @@ def expected_sizes(graph: onnx.ModelProto, source: Path, options: QuantizeOption
 def quantization_parity(reference: str | Path, candidate: str | Path, eval_text: str | None = None,
                         windows: int = 4, seqlen: int = 256) -> dict:
     """Quantized vs fp32 graph: top-1 agreement (share of positions with the same argmax), top-5 overlap,
-    logits cosine; with eval_text also the perplexity of both (same windows, same protocol as
-    runtime.evaluate.perplexity: exp(mean NLL) over every scored token)."""
+    logits cosine; with eval_text also the perplexity of both, scored by runtime.evaluate.perplexity
+    on the same windows (exp(mean NLL) over every scored token)."""
     from runtime.sessions import OrtSession
 
     ref, cand = OrtSession(reference, name="ort-fp32"), OrtSession(candidate, name="ort-quantized")
@@ -298,32 +298,21 @@ def quantization_parity(reference: str | Path, candidate: str | Path, eval_text:
             rows.append(np.concatenate([s.logits[s.query_mask] for s in result.steps]).astype(np.float32))
         return {"inputs": "random token ids: batch 4, prompt 32 (left padding 3), prefill + 4 decode steps",
                 **_agreement(*rows)}
-    from transformers import AutoTokenizer
-
+    from runtime.evaluate import perplexity
+    from toolchain.data.sources import load_tokenizer
     from toolchain.data.text import eval_windows as make_windows
     from toolchain.data.text import load_text
 
-    tokenizer = AutoTokenizer.from_pretrained(str(_export_dir(reference)))
+    tokenizer = load_tokenizer(_export_dir(reference))
     data = make_windows(tokenizer, load_text(eval_text, "test"), seqlen=seqlen, max_windows=windows)
-    ref_rows, cand_rows, nll = [], [], {"reference": 0.0, "candidate": 0.0}
-    scored = 0
-    for ids, mask in zip(data.input_ids.numpy(), data.attention_mask.numpy()):
-        ids, mask = ids[None].astype(np.int64), mask[None].astype(np.int64)
-        positions = np.clip(np.cumsum(mask, -1) - 1, 0, None)
-        keep = (mask[:, 1:] * mask[:, :-1]).astype(bool)
-        targets = ids[:, 1:][keep]
-        for key, session, rows in (("reference", ref, ref_rows), ("candidate", cand, cand_rows)):
-            logits = session.run(ids, mask, positions, session.empty_past(1))[0][:, :-1][keep].astype(np.float64)
-            top = logits.max(-1, keepdims=True)
-            logsumexp = top[:, 0] + np.log(np.exp(logits - top).sum(-1))
-            nll[key] += float((logsumexp - logits[np.arange(len(targets)), targets]).sum())
-            rows.append(logits.astype(np.float32))
-        scored += int(keep.sum())
-    ppl = {key: math.exp(value / scored) for key, value in nll.items()}
+    rows: dict[str, list[np.ndarray]] = {"reference": [], "candidate": []}
+    ppl = {}
+    for key, session in (("reference", ref), ("candidate", cand)):
+        ppl[key] = perplexity(session, tokenizer, data, on_scored=lambda scored, out=rows[key]: out.append(scored.numpy()))
     return {"inputs": f"{len(data.input_ids)} windows x {seqlen} tokens of {eval_text} (test split)",
-            **_agreement(np.concatenate(ref_rows), np.concatenate(cand_rows)),
-            "ppl_fp32": ppl["reference"], "ppl_quantized": ppl["candidate"],
-            "ppl_delta": ppl["candidate"] - ppl["reference"], "tokens": scored}
+            **_agreement(np.concatenate(rows["reference"]), np.concatenate(rows["candidate"])),
+            "ppl_fp32": ppl["reference"]["ppl"], "ppl_quantized": ppl["candidate"]["ppl"],
+            "ppl_delta": ppl["candidate"]["ppl"] - ppl["reference"]["ppl"], "tokens": ppl["reference"]["tokens"]}
 
 
 def _agreement(reference: np.ndarray, candidate: np.ndarray) -> dict:

@@ -1,6 +1,7 @@
 """Perplexity under a stated protocol, an lm-eval zero-shot bridge, and the eval report files.
 
-Works with any causal LM whose forward(input_ids, attention_mask=, position_ids=) returns `.logits`.
+Scores any causal LM whose forward(input_ids, attention_mask=, position_ids=) returns `.logits`, or any
+Session (torch, onnxruntime, TensorRT) through one prefill call per batch.
 """
 
 from __future__ import annotations
@@ -9,48 +10,69 @@ import functools
 import math
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from toolchain.data.text import Windows, eval_windows, offline_unless_reachable
 from toolchain.core.errors import BackendUnavailableError, DataError, InvalidOptionError
-from toolchain.core.fileio import write_json, write_text
+from toolchain.core import reports
+
+from runtime.sessions import Session
 
 
-def _device_of(model) -> torch.device:
+def _forward(model) -> tuple[Callable, torch.device]:
+    """(ids, mask, positions) → logits of every position, and the device the inputs go to: a torch
+    causal LM's forward, or one prefill call (empty cache) of a Session, so torch and ORT are scored
+    by the same code."""
+    if isinstance(model, Session):
+        def run(ids, mask, positions):
+            past = model.empty_past(ids.shape[0])
+            logits, _ = model.run(ids.numpy(), mask.numpy(), positions.numpy(), past)
+            return torch.from_numpy(logits)
+
+        return run, torch.device("cpu")
+    model.eval()
     try:
-        return next(model.parameters()).device
+        device = next(model.parameters()).device
     except StopIteration:  # pragma: no cover - parameterless model
-        return torch.device("cpu")
+        device = torch.device("cpu")
+    return lambda ids, mask, positions: model(input_ids=ids, attention_mask=mask, position_ids=positions).logits, device
 
 
 @torch.inference_mode()
 def perplexity(model, tokenizer, data: str | Windows, seqlen: int = 512, max_windows: int | None = None,
-               batch_size: int = 1, bos: bool = False) -> dict:
+               batch_size: int = 1, bos: bool = False,
+               on_scored: Callable[[torch.Tensor], None] | None = None) -> dict:
     """exp(mean NLL) over every scored token; `data` is raw text (cut per data.eval_windows) or Windows.
+    `model` is a torch causal LM or any Session (torch, ORT, TensorRT).
 
     A token is scored when it and the token before it are both real (attention_mask 1), so right and
     left padding never count. position_ids follow the mask, so left-padded rows see positions 0, 1, ...
+    `on_scored` gets each batch's logits rows that were scored (float32, in order), e.g. to compare
+    two models' predictions on the same tokens.
     """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise InvalidOptionError(f"--batch-size must be a positive integer, got {batch_size!r}")
     windows = data if isinstance(data, Windows) else eval_windows(tokenizer, data, seqlen, max_windows, bos)
     if isinstance(data, Windows) and max_windows is not None:
         windows = Windows(data.input_ids[:max_windows], data.attention_mask[:max_windows], data.protocol)
-    model.eval()
-    device = _device_of(model)
+    forward, device = _forward(model)
     total_nll = 0.0  # float64 accumulation: many windows of summed float32 losses
     scored = 0
     start = time.perf_counter()
     for ids, mask in windows.batches(batch_size):
         ids, mask = ids.to(device), mask.to(device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        logits = forward(ids, mask, positions)
         keep = mask[:, 1:].bool() & mask[:, :-1].bool()
-        nll = F.cross_entropy(logits[:, :-1][keep].float(), ids[:, 1:][keep], reduction="sum")
+        rows = logits[:, :-1][keep].float()
+        nll = F.cross_entropy(rows, ids[:, 1:][keep], reduction="sum")
         total_nll += float(nll.double())
         scored += int(keep.sum())
+        if on_scored is not None:
+            on_scored(rows.cpu())
     seconds = time.perf_counter() - start
     if scored == 0:
         raise DataError("no token could be scored (every window is padding or one token long); give longer text")
@@ -138,9 +160,5 @@ def report_markdown(report: dict) -> str:
 
 
 def write_report(out_dir: str | Path, report: dict, stem: str = "eval") -> dict[str, Path]:
-    """Write `<stem>.json` then `<stem>.md` into out_dir, each atomically."""
-    out_dir = Path(out_dir)
-    paths = {"json": out_dir / f"{stem}.json", "markdown": out_dir / f"{stem}.md"}
-    write_json(paths["json"], report)
-    write_text(paths["markdown"], report_markdown(report))
-    return paths
+    """`<stem>.json` and `<stem>.md` (report_markdown) into out_dir."""
+    return reports.write_report(out_dir, report, report_markdown, stem)

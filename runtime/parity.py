@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from runtime.generate import positions_from_mask
+from runtime.generate import KVStream
 from runtime.sessions import Past, Session
 
 
@@ -76,15 +76,13 @@ def make_inputs(vocab_size: int, batch: int = 2, prompt: int = 12, pad: int = 3,
 def run_steps(session: Session, inputs: ParityInputs) -> RunnerResult:
     """Prefill then one decode step per column of `decode_ids`, feeding back the session's own cache."""
     start = time.perf_counter()
-    mask, ids = inputs.attention_mask, inputs.input_ids
-    positions = positions_from_mask(mask)
-    logits, past = session.run(ids, mask, positions, session.empty_past(ids.shape[0]))
-    steps = [Step("prefill", logits, past, mask.astype(bool), mask.astype(bool))]
+    stream = KVStream.prompt(session, inputs.attention_mask)
+    prompt = stream.mask.astype(bool)
+    steps = [Step("prefill", stream.run(inputs.input_ids), stream.past, prompt, prompt)]
     for t in range(inputs.decode_ids.shape[1]):
-        mask = np.concatenate([mask, np.ones((ids.shape[0], 1), dtype=np.int64)], axis=1)
-        positions = positions[:, -1:] + 1
-        logits, past = session.run(inputs.decode_ids[:, t:t + 1], mask, positions, past)
-        steps.append(Step(f"decode{t + 1}", logits, past, np.ones((ids.shape[0], 1), bool), mask.astype(bool)))
+        logits = stream.decode(inputs.decode_ids[:, t:t + 1])
+        steps.append(Step(f"decode{t + 1}", logits, stream.past, np.ones((stream.batch, 1), bool),
+                          stream.mask.astype(bool)))
     return RunnerResult(session.name, steps, time.perf_counter() - start)
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from toolchain.core.errors import ArtifactError, InvalidOptionError, ModelNotFoundError
-from toolchain.core.fileio import write_json, write_text
+from toolchain.core.reports import write_report
 
 from runtime.parity import TOLERANCES, check_parity, to_markdown
 from runtime.sessions import Session, open_session
@@ -66,10 +66,8 @@ def validate(paths: list[str | Path], dtype: str | None = None, provider: str = 
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ArtifactError(f"cannot create report dir {out} ({err.strerror}); pass a writable --report") from err
-    json_path, markdown_path = out / "parity.json", out / "parity.md"
-    write_json(json_path, report)
-    write_text(markdown_path, to_markdown(report))
-    return Validation(report, json_path, markdown_path)
+    paths = write_report(out, report, to_markdown, "parity")
+    return Validation(report, paths["json"], paths["markdown"])
 
 
 def _label(path: Path, provider: str) -> str:

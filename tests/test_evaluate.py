@@ -62,6 +62,21 @@ def test_padding_never_scored(model, side):
     assert result["nll"] == pytest.approx(by_hand_nll / by_hand_tokens, rel=1e-5)
 
 
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_a_session_is_scored_like_its_model(model, side):
+    """Torch models and Sessions (here torch through the Session interface; ORT the same way) share one
+    perplexity: same windows, same scored tokens, same NLL, and the scored logits rows are handed out."""
+    from runtime.sessions import TorchSession
+
+    windows = pad_batch([[5, 9, 13, 20, 31, 8, 7, 40], [11, 12, 3], [44, 45, 46, 47, 48]], pad_id=17, side=side)
+    rows = []
+    direct = perplexity(model, None, windows, batch_size=3)
+    through_session = perplexity(TorchSession(model), None, windows, batch_size=3, on_scored=rows.append)
+    assert through_session["tokens"] == direct["tokens"] == sum(len(r) for r in rows)
+    assert through_session["nll"] == pytest.approx(direct["nll"], rel=1e-5)
+    assert rows[0].shape == (direct["tokens"], 60) and rows[0].dtype == torch.float32
+
+
 def test_memorised_sequence_has_perplexity_near_one():
     torch.manual_seed(0)
     model = tiny_llama(vocab=40).train()

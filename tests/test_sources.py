@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from toolchain import sources
+from toolchain.data import sources
 from toolchain.core.errors import ArtifactError, ModelNotFoundError, UnsafeWeightsError
 from toolchain.data.sources import SHORT_NAMES, load_hf_model, resolve_model
 

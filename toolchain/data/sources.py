@@ -349,6 +349,13 @@ def check_complete(path: Path, skeleton, names) -> None:
 
 def load_hf_model(resolved: ResolvedModel, dtype=None, device: str = "cpu"):
     """(model in eval mode, tokenizer) from a resolved checkpoint; safetensors only, no remote code."""
+    model = load_hf_weights(resolved, dtype, device)
+    return model, load_tokenizer(resolved.path)
+
+
+def load_hf_weights(resolved: ResolvedModel, dtype=None, device: str = "cpu"):
+    """The causal LM of a resolved checkpoint (any supported HF architecture, or a saved canonical
+    model), in eval mode; headers, shapes and completeness are checked first. No tokenizer needed."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -371,11 +378,13 @@ def load_hf_model(resolved: ResolvedModel, dtype=None, device: str = "cpu"):
             f"{path}: tensor shapes disagree with config.json (see the load report above); the config does not "
             "belong to these weights, restore the matching config.json"
         ) from err
+    except (OSError, KeyError) as err:
+        raise ArtifactError(f"{path} could not be loaded as a causal LM ({err}); re-save the model or pass a "
+                            "directory written by `toolchain build`/`save_pretrained`") from err
     missing = [k for k in info.get("missing_keys", ()) if k]
     if missing:
         raise _incomplete(path, missing)
-    tokenizer = load_tokenizer(path)
-    return model.to(device).eval(), tokenizer
+    return model.to(device).eval()
 
 
 def _check_shapes(path: Path, config, shapes: dict[str, tuple[int, ...]]) -> None:

@@ -33,7 +33,7 @@ def bench_command(
     out: Optional[Path] = typer.Option(None, "--out", help="Report dir (default <build>/reports/latency)."),
 ) -> None:
     """Latency of a build's sliced model next to its dense source: TTFT, decode p50/p90/p99, tokens/s, memory."""
-    from runtime.latency import bench_build
+    from toolchain.app.bench import bench_build
 
     out = out or build_dir / "reports" / "latency"
     with stage_progress("bench") as progress:

@@ -2,7 +2,7 @@
 
 ONNX graphs cannot carry transformers' Cache objects, so the wrapper takes the past keys/values
 as positional tensors, runs the model over a `ListCache`, and returns logits plus the presents.
-Names and dynamic dims follow optimum / onnxruntime-genai, so their runtimes can load the graph.
+Names and dynamic dims are toolchain.core.iospec's (optimum / onnxruntime-genai).
 """
 
 from __future__ import annotations
@@ -10,23 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from toolchain.core.iospec import BATCH, PAST, SEQ, TOTAL, kv_head_dims
 from toolchain.model.modeling import ListCache, SlicedForCausalLM
-
-BATCH, SEQ, PAST, TOTAL = "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length"
-
-
-def input_names(num_layers: int) -> list[str]:
-    kv = [f"past_key_values.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
-    return ["input_ids", "attention_mask", "position_ids", *kv]
-
-
-def output_names(num_layers: int) -> list[str]:
-    return ["logits", *(f"present.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value"))]
-
-
-def kv_head_dims(config) -> list[tuple[int, int]]:
-    """(key head dim, value head dim) per layer; they may differ per layer and from each other."""
-    return list(zip(config.qk_head_dims, config.v_head_dims))
 
 
 class KVCacheWrapper(nn.Module):
@@ -65,14 +50,3 @@ def dynamic_shapes(num_layers: int) -> tuple:
     past, total = torch.export.Dim(PAST), torch.export.Dim(TOTAL)
     kv = tuple({0: batch, 2: past} for _ in range(2 * num_layers))
     return ({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq}, kv)
-
-
-def dynamic_axes(num_layers: int) -> dict[str, dict[int, str]]:
-    """The same dims for the TorchScript exporter (fallback path)."""
-    axes = {"input_ids": {0: BATCH, 1: SEQ}, "attention_mask": {0: BATCH, 1: TOTAL},
-            "position_ids": {0: BATCH, 1: SEQ}, "logits": {0: BATCH, 1: SEQ}}
-    for i in range(num_layers):
-        for kind in ("key", "value"):
-            axes[f"past_key_values.{i}.{kind}"] = {0: BATCH, 2: PAST}
-            axes[f"present.{i}.{kind}"] = {0: BATCH, 2: TOTAL}
-    return axes

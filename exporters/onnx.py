@@ -33,20 +33,19 @@ from runtime.loading import load_causal_lm, to_canonical_model
 from toolchain import __version__
 from toolchain.core.errors import InvalidOptionError
 from toolchain.core.fileio import atomic_dir, sha256_file, write_json
+from toolchain.core.iospec import DIM_DESCRIPTIONS, PAST_PREFIX, dynamic_axes, input_names, kv_head_dims, output_names
+from toolchain.core.tokenizer_files import copy_tokenizer_files
 from toolchain.model.finite import require_finite_model
 from toolchain.model.modeling import SlicedForCausalLM
 
 from exporters import onnx_graph, ort_fusion
-from exporters.kv_wrapper import (BATCH, PAST, SEQ, TOTAL, KVCacheWrapper, dynamic_axes, dynamic_shapes, example_inputs,
-                         input_names, kv_head_dims, output_names)
+from exporters.kv_wrapper import KVCacheWrapper, dynamic_shapes, example_inputs
 
 DTYPES = ("fp32", "fp16")
 GRAPHS = ("fast", "basic", "none")
 log = logging.getLogger(__name__)
 EXPORTERS = ("dynamo", "torchscript")
 MODEL_FILE = "model.onnx"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
 # Stay clear of protobuf's hard 2 GB limit (graph + metadata ride along with the weights).
 EXTERNAL_DATA_THRESHOLD = int(1.8 * 2**30)
 # The fast graph's in-process parity check holds the torch model and an ORT session at once.
@@ -153,7 +152,7 @@ def export_onnx(source: str | Path | nn.Module, out: str | Path, options: Export
         write_json(tmp / "export_config.json", export_config)
         write_json(tmp / "export_report.json", report)
         config.save_pretrained(tmp)  # config.json: what optimum/genai-style loaders read
-        _copy_side_files(source_dir, tmp)
+        copy_tokenizer_files(source_dir, tmp)
     out = Path(out)
     return ExportResult(out, out / MODEL_FILE, export_config, report)
 
@@ -293,7 +292,7 @@ def _export_config(model, graph: onnx.ModelProto, options: ExportOptions, extern
     config = model.config
     opsets = {entry.domain or "ai.onnx": entry.version for entry in graph.opset_import}
     inputs, outputs = _io_spec(graph.graph.input), _io_spec(graph.graph.output)
-    kv_dtype = next((i["dtype"] for i in inputs if i["name"].startswith("past_key_values")), None)
+    kv_dtype = next((i["dtype"] for i in inputs if i["name"].startswith(PAST_PREFIX)), None)
     return {
         "format": "onnx",
         "model_file": MODEL_FILE,
@@ -308,8 +307,7 @@ def _export_config(model, graph: onnx.ModelProto, options: ExportOptions, extern
         "exporter": options.exporter,
         "inputs": inputs,
         "outputs": outputs,
-        "dims": {BATCH: "batch", SEQ: "new tokens this step (prefill: prompt length, decode: 1)",
-                 PAST: "cached tokens (0 at prefill)", TOTAL: f"{PAST} + {SEQ} (attention_mask length)"},
+        "dims": dict(DIM_DESCRIPTIONS),
         "model_type": config.model_type,
         "vocab_size": config.vocab_size,
         "num_layers": config.num_hidden_layers,
@@ -341,11 +339,3 @@ def _report(config, options: ExportOptions, counts: dict, final_counts: dict, ch
         "sha256": files,
         "options": {k: v for k, v in asdict(options).items() if k != "overwrite"},
     }
-
-
-def _copy_side_files(source_dir: Path | None, out_dir: Path) -> None:
-    if source_dir is None:
-        return
-    for name in TOKENIZER_FILES:
-        if (source_dir / name).is_file():
-            shutil.copyfile(source_dir / name, out_dir / name)

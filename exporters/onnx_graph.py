@@ -12,7 +12,7 @@ from pathlib import Path
 
 import onnx
 
-from exporters.kv_wrapper import PAST, SEQ, TOTAL
+from toolchain.core.iospec import PAST, SEQ, TOTAL
 
 # Ops ORT's transformer optimizer emits that onnx's checker has no schema for.
 ORT_FUSED_NORMS = ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization")

@@ -39,7 +39,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from toolchain.model.modeling import SlicedForCausalLM, rope_inverse_frequencies
 
-from exporters.kv_wrapper import BATCH, PAST, SEQ, TOTAL, input_names, kv_head_dims, output_names
+from toolchain.core.iospec import (ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, input_names, io_shapes,
+                                   kv_head_dims, output_names, past_name, present_name)
 
 MS = "com.microsoft"
 # hidden_act → (op, domain, attributes); SiLU is QuickGelu with alpha 1: x·sigmoid(1·x)
@@ -143,7 +144,7 @@ def build_fast_graph(model: SlicedForCausalLM, opset: int = 20) -> onnx.ModelPro
 def _build(model: SlicedForCausalLM, config, opset: int) -> onnx.ModelProto:
     b = _Builder()
     layers = config.num_hidden_layers
-    ids, mask, positions = "input_ids", "attention_mask", "position_ids"
+    ids, mask, positions = INPUT_IDS, ATTENTION_MASK, POSITION_IDS
 
     # --- per-step attention bookkeeping, shared by every layer ----------------------------------
     total = b.op("Gather", [b.op("Shape", [mask], name="mask_shape")[0], b.const("one_i64", np.array(1, np.int64))],
@@ -214,8 +215,8 @@ def _build(model: SlicedForCausalLM, config, opset: int) -> onnx.ModelProto:
             q, k = (b.op("RotaryEmbedding", [t, positions, *rope_caches], name=f"{prefix}/rotary_{kind}", domain=MS,
                          num_heads=heads, rotary_embedding_dim=rot, interleaved=0)[0]
                     for t, kind, heads in ((q, "q", attn.heads), (k, "k", attn.kv_heads)))
-        past = [f"past_key_values.{layer}.key", f"past_key_values.{layer}.value"]
-        present = [f"present.{layer}.key", f"present.{layer}.value"]
+        past = [past_name(layer, "key"), past_name(layer, "value")]
+        present = [present_name(layer, "key"), present_name(layer, "value")]
         out = b.op("GroupQueryAttention", [q, k, v, *past, seqlens_k, total32, "", "", "", attn_bias],
                    outputs=[f"{prefix}/GroupQueryAttention/out", *present], name=f"{prefix}/GroupQueryAttention",
                    domain=MS, num_heads=attn.heads, kv_num_heads=attn.kv_heads, scale=float(attn.scale))[0]
@@ -256,18 +257,16 @@ def _build(model: SlicedForCausalLM, config, opset: int) -> onnx.ModelProto:
     h, _ = norm(model.norm, "norm")
     if model.head_proj is not None:
         h = b.linear(h, model.head_proj, "head_proj")
-    b.op("Identity", [b.linear(h, model.lm_head, "lm_head")], outputs=["logits"], name="logits")
+    b.op("Identity", [b.linear(h, model.lm_head, "lm_head")], outputs=[LOGITS], name="logits")
 
     # --- I/O -------------------------------------------------------------------------------------
     names_in, names_out = input_names(layers), output_names(layers)
-    inputs = [_value(n, TensorProto.INT64, [BATCH, TOTAL if n == mask else SEQ]) for n in names_in[:3]]
-    outputs = [_value("logits", TensorProto.FLOAT, [BATCH, SEQ, config.vocab_size])]
-    for layer, (key_dim, value_dim) in enumerate(kv_head_dims(config)):
-        for kind, dim in (("key", key_dim), ("value", value_dim)):
-            inputs.append(_value(f"past_key_values.{layer}.{kind}", TensorProto.FLOAT,
-                                 [BATCH, config.num_key_value_heads, PAST, dim]))
-            outputs.append(_value(f"present.{layer}.{kind}", TensorProto.FLOAT,
-                                  [BATCH, config.num_key_value_heads, TOTAL, dim]))
+    dims = kv_head_dims(config)
+    in_shapes, out_shapes = io_shapes(config.num_key_value_heads, [k for k, _ in dims], [v for _, v in dims],
+                                      config.vocab_size)
+    inputs = [_value(n, TensorProto.INT64 if n in (ids, mask, positions) else TensorProto.FLOAT, shape)
+              for n, shape in in_shapes.items()]
+    outputs = [_value(n, TensorProto.FLOAT, shape) for n, shape in out_shapes.items()]
     assert [i.name for i in inputs] == names_in and [o.name for o in outputs] == names_out
     graph = helper.make_graph(b.nodes, "toolchain_fast", inputs, outputs, b.initializers)
     model_proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(MS, 1)],

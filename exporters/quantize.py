@@ -40,11 +40,12 @@ import onnx
 
 from toolchain.core.errors import ArtifactError, InvalidOptionError
 
-from exporters.genai import _export_dir
+from exporters.genai.config import export_dir as _export_dir
 from toolchain.core.fileio import atomic_dir, write_json
 
 from exporters import onnx_graph
-from exporters.onnx import EXTERNAL_DATA_THRESHOLD, MODEL_FILE, TOKENIZER_FILES
+from exporters.onnx import EXTERNAL_DATA_THRESHOLD, MODEL_FILE
+from toolchain.core.tokenizer_files import TOKENIZER_FILES
 
 MODES = ("int4", "int8")
 ALGORITHMS = ("minmax", "hqq")

@@ -28,8 +28,8 @@ import onnx
 
 from toolchain.core.errors import ArtifactError, BackendUnavailableError, InvalidOptionError
 from toolchain.core.fileio import atomic_dir, write_text
+from toolchain.core.iospec import BATCH
 
-from exporters.kv_wrapper import BATCH
 from exporters.onnx import MODEL_FILE
 
 BACKENDS = ("onnxruntime", "tensorrt")

@@ -20,11 +20,17 @@ from pathlib import Path
 import onnx
 from onnx import TensorProto
 
-from exporters.kv_wrapper import PAST, SEQ, TOTAL
+from toolchain.core.errors import ArtifactError
+from toolchain.core.iospec import PAST, SEQ, TOTAL
 
 TARGET = "10.15"
 SOURCE = "onnx/onnx-tensorrt docs/operators.md (TensorRT 10.15 GA)"
 OPSET_RANGE = (9, 24)
+
+
+class IncompatibleGraphError(ArtifactError):
+    """The bundle's graph would not parse or build with TensorRT."""
+
 
 # Type groups of the doc's "Supported Types" column.
 F = frozenset({"FP32", "FP16", "BF16"})

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from toolchain.core.errors import ArtifactError, BackendUnavailableError, InvalidOptionError
+from toolchain.core.errors import ArtifactError, BackendUnavailableError, InvalidOptionError, first_line
+from toolchain.core.iospec import (KV_KINDS, LOGITS, TOKEN_INPUTS, past_feeds, past_kv_shapes, past_name, present_name,
+                                   presents)
 
 Past = list[tuple[np.ndarray, np.ndarray]]
 
@@ -135,7 +137,7 @@ class OrtSession(Session):
         try:
             self.session = ort.InferenceSession(str(self.path), options, providers=[self.provider])
         except Exception as err:  # noqa: BLE001  (pybind raises several unrelated types for bad files)
-            raise ArtifactError(f"{self.path} cannot be loaded by onnxruntime ({_first_line(err)}); the file is "
+            raise ArtifactError(f"{self.path} cannot be loaded by onnxruntime ({first_line(err)}); the file is "
                                 "corrupted or truncated, or its .data file is missing: re-run `toolchain export`") from err
         if self.session.get_providers()[0] != self.provider:
             raise BackendUnavailableError(f"onnxruntime could not initialise {self.provider} for {self.path} (it "
@@ -173,9 +175,7 @@ class OrtSession(Session):
         if self.kv_buffer is not None:
             return self._run_shared(input_ids, attention_mask, position_ids, past)
         binding = self.session.io_binding()
-        feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
-        for i, (key, value) in enumerate(past):
-            feeds[f"past_key_values.{i}.key"], feeds[f"past_key_values.{i}.value"] = key, value
+        feeds = {**dict(zip(TOKEN_INPUTS, (input_ids, attention_mask, position_ids))), **past_feeds(past)}
         for name, array in feeds.items():
             if name not in self._inputs:  # e.g. position_ids is optional for learned-position graphs elsewhere
                 continue
@@ -189,12 +189,11 @@ class OrtSession(Session):
         values = binding.get_outputs()
         if self.ort_cache:  # presents stay ORT-owned; only the logits come to numpy
             out = dict(zip(self._outputs, values))
-            out["logits"] = out["logits"].numpy()
+            out[LOGITS] = out[LOGITS].numpy()
         else:
             arrays = [v.numpy() for v in values] if self.device == "cpu" else binding.copy_outputs_to_cpu()
             out = dict(zip(self._outputs, arrays))
-        present = [(out[f"present.{i}.key"], out[f"present.{i}.value"]) for i in range(self.num_layers)]
-        return out["logits"].astype(np.float32, copy=False), present
+        return out[LOGITS].astype(np.float32, copy=False), presents(out, self.num_layers)
 
 
     def _run_shared(self, input_ids, attention_mask, position_ids, past):
@@ -210,18 +209,18 @@ class OrtSession(Session):
                 length = np.asarray(key).shape[2]
                 key_buf[:, :, :length], value_buf[:, :, :length] = key, value
             binding = self.session.io_binding()  # the KV buffers are bound once, for every step on them
-            binding.bind_output("logits", "cpu")
+            binding.bind_output(LOGITS, "cpu")
             for i, pair in enumerate(buffers):
-                for kind, buffer in zip(("key", "value"), pair):
+                for kind, buffer in zip(KV_KINDS, pair):
                     value = ort.OrtValue.ortvalue_from_numpy(buffer)  # shares the numpy buffer's memory
-                    binding.bind_ortvalue_input(f"past_key_values.{i}.{kind}", value)
-                    binding.bind_ortvalue_output(f"present.{i}.{kind}", value)
+                    binding.bind_ortvalue_input(past_name(i, kind), value)
+                    binding.bind_ortvalue_output(present_name(i, kind), value)
             self._shared = (buffers, None, binding)
         buffers, _, binding = self._shared
-        for name, array in (("input_ids", input_ids), ("attention_mask", attention_mask), ("position_ids", position_ids)):
+        for name, array in zip(TOKEN_INPUTS, (input_ids, attention_mask, position_ids)):
             if name in self._inputs:
                 binding.bind_cpu_input(name, _as_type(array, self._inputs[name].type))
-        binding.bind_output("logits", "cpu")  # rebound: its shape changes between prefill and decode
+        binding.bind_output(LOGITS, "cpu")  # rebound: its shape changes between prefill and decode
         self.session.run_with_iobinding(binding)
         logits = binding.get_outputs()[0].numpy()
         present = [(key[:, :, :total], value[:, :, :total]) for key, value in buffers]
@@ -281,21 +280,17 @@ def _as_type(array: np.ndarray, ort_type: str) -> np.ndarray:
 
 
 def _kv_layout(inputs: dict) -> tuple[list[KVShape], np.dtype]:
-    shapes, dtype, layer = [], np.dtype(np.float32), 0
-    while f"past_key_values.{layer}.key" in inputs:
-        key, value = inputs[f"past_key_values.{layer}.key"], inputs[f"past_key_values.{layer}.value"]
-        shapes.append(KVShape(int(key.shape[1]), int(key.shape[3]), int(value.shape[3])))
-        dtype = np.dtype(_ORT_TYPES[key.type])
-        layer += 1
-    if not shapes:
-        raise ArtifactError("the ONNX graph has no past_key_values.{i}.key inputs; export it with "
+    layers = past_kv_shapes({name: value.shape for name, value in inputs.items()})
+    if not layers:
+        raise ArtifactError(f"the ONNX graph has no {past_name('{i}', 'key')} inputs; export it with "
                             "`toolchain export` (KV-cache graph with optimum/genai names)")
-    return shapes, dtype
+    shapes = [KVShape(int(key[1]), int(key[3]), int(value[3])) for key, value in layers]
+    return shapes, np.dtype(_ORT_TYPES[inputs[past_name(len(layers) - 1, "key")].type])
 
 
 def _vocab_size(session, path: Path) -> int:
     """From the logits shape, else from export_config.json beside the graph."""
-    logits = next((o for o in session.get_outputs() if o.name == "logits"), None)
+    logits = next((o for o in session.get_outputs() if o.name == LOGITS), None)
     if logits is None:
         raise ArtifactError(f"{path} has no `logits` output; export it with `toolchain export`")
     if isinstance(logits.shape[-1], int):
@@ -304,8 +299,3 @@ def _vocab_size(session, path: Path) -> int:
     if config.is_file():
         return int(json.loads(config.read_text())["vocab_size"])
     raise ArtifactError(f"{path}: the vocab size is neither static in the graph nor in export_config.json; re-export")
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip().splitlines()
-    return text[0][:300] if text else type(err).__name__

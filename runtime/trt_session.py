@@ -18,8 +18,13 @@ import numpy as np
 
 from toolchain.core.errors import ArtifactError, BackendUnavailableError, InvalidOptionError
 from toolchain.core.fileio import write_json, write_text
+from toolchain.core.iospec import (LOGITS, PAST_PREFIX, TOKEN_INPUTS, is_kv_name, past_feeds, past_kv_shapes, past_name,
+                                   presents)
 
 from runtime.sessions import KVShape, Past, Session
+from runtime.trt_bundle import (BUILD_COMMAND, ENGINE_DIR, ENGINE_FILE, ENGINE_META, load_parity_data,
+                                read_build_config)
+from runtime.trt_environment import probe_environment
 
 
 class TensorRTSession(Session):
@@ -49,7 +54,7 @@ class TensorRTSession(Session):
         self.outputs = [n for n in names if n not in self.inputs]
         self._dtypes = {n: _torch_dtype(trt, torch, self.engine.get_tensor_dtype(n)) for n in names}
         self.kv_shapes = _kv_layout(self.engine, self.inputs)
-        self.kv_dtype = np.dtype(str(self._dtypes["past_key_values.0.key"]).removeprefix("torch.")) \
+        self.kv_dtype = np.dtype(str(self._dtypes[past_name(0, "key")]).removeprefix("torch.")) \
             if self.kv_shapes else np.dtype(np.float16)
         self.vocab_size = self._vocab_size()
         self.profiles = self._profile_ranges()
@@ -59,15 +64,12 @@ class TensorRTSession(Session):
 
     def run(self, input_ids, attention_mask, position_ids, past: Past) -> tuple[np.ndarray, Past]:
         torch = self._torch
-        feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
-        for i, (key, value) in enumerate(past):
-            feeds[f"past_key_values.{i}.key"], feeds[f"past_key_values.{i}.value"] = key, value
+        feeds = {**dict(zip(TOKEN_INPUTS, (input_ids, attention_mask, position_ids))), **past_feeds(past)}
         tensors = {name: torch.from_numpy(np.ascontiguousarray(array)).to(self.device, self._dtypes[name])
                    for name, array in feeds.items() if name in self._dtypes}
         out = self.run_device(tensors)
-        present = [(out[f"present.{i}.key"].cpu().numpy(), out[f"present.{i}.value"].cpu().numpy())
-                   for i in range(self.num_layers)]
-        return out["logits"].float().cpu().numpy(), present
+        present = [(key.cpu().numpy(), value.cpu().numpy()) for key, value in presents(out, self.num_layers)]
+        return out[LOGITS].float().cpu().numpy(), present
 
     def run_device(self, feeds: dict) -> dict:
         """{input name: CUDA tensor} -> {output name: CUDA tensor}; queued on torch's current stream."""
@@ -102,7 +104,7 @@ class TensorRTSession(Session):
 
     def select_profile(self, shapes: dict[str, tuple]) -> int:
         """Index of the profile for these input shapes: the phase's own profile when it fits, else any that does."""
-        past = shapes.get("past_key_values.0.key", (0, 0, 0))[2] if self.kv_shapes else \
+        past = shapes.get(past_name(0, "key"), (0, 0, 0))[2] if self.kv_shapes else \
             shapes["attention_mask"][1] - shapes["input_ids"][1]
         phase = "prefill" if past == 0 else "decode"
         for profile in sorted(self.profiles, key=lambda p: p["name"] != phase):
@@ -127,7 +129,7 @@ class TensorRTSession(Session):
         return profiles
 
     def _vocab_size(self) -> int:
-        width = self.engine.get_tensor_shape("logits")[-1]
+        width = self.engine.get_tensor_shape(LOGITS)[-1]
         if width > 0:
             return int(width)
         config = self.engine_path.parent.parent / "config.json"
@@ -138,8 +140,6 @@ class TensorRTSession(Session):
 
 def resolve_engine(path: str | Path) -> tuple[Path, dict]:
     """(engine file, engine.json dict) from a bundle dir, its engine dir, or an engine file."""
-    from exporters.tensorrt import ENGINE_DIR, ENGINE_FILE, ENGINE_META
-
     path = Path(path).expanduser()
     if path.is_dir():
         path = path / ENGINE_DIR / ENGINE_FILE if (path / ENGINE_DIR).is_dir() else path / ENGINE_FILE
@@ -151,8 +151,6 @@ def resolve_engine(path: str | Path) -> tuple[Path, dict]:
 
 def open_trt_session(path: str | Path, name: str = "tensorrt") -> TensorRTSession:
     """A TensorRTSession, or BackendUnavailableError saying why this machine cannot run engines."""
-    from exporters.tensorrt import probe_environment
-
     env = probe_environment()
     if env.reason:
         raise BackendUnavailableError(f"cannot run a TensorRT engine here: {env.reason}; run this on the target GPU, "
@@ -175,8 +173,6 @@ def tensorrt_provider_options(cache_dir: str | Path, bundle: str | Path | None =
     options = {"trt_engine_cache_enable": True, "trt_engine_cache_path": cache,
                "trt_timing_cache_enable": True, "trt_timing_cache_path": cache, "trt_fp16_enable": fp16}
     if bundle is not None:
-        from exporters.tensorrt import read_build_config
-
         config = read_build_config(bundle)
         profiles = config["profiles"]
         decode = next((p for p in profiles if p["name"] == "decode"), profiles[-1])
@@ -197,8 +193,6 @@ def validate_bundle(bundle: str | Path, backend: str = "tensorrt", provider: str
     """Replay the bundle's parity inputs (prefill + decode, the session's own KV cache) and compare the
     logits with the stored torch fp32 ones at fp16 tolerances. backend: tensorrt (the built engine) or
     onnxruntime (the bundle's fp16 ONNX, e.g. on CPU: proves the bundle and its parity data agree)."""
-    from exporters.tensorrt import load_parity_data, read_build_config
-
     from runtime.parity import TOLERANCES, RunnerResult, Step, compare, run_steps, to_markdown
     from runtime.sessions import OrtSession
 
@@ -235,8 +229,6 @@ def validate_bundle(bundle: str | Path, backend: str = "tensorrt", provider: str
 
 def _check_built_here(engine_path: Path, metadata: dict) -> None:
     """Engines are tied to the GPU architecture and TensorRT version: say so instead of a deserialize error."""
-    from exporters.tensorrt import probe_environment
-
     if not metadata:
         return
     env = probe_environment()
@@ -248,8 +240,6 @@ def _check_built_here(engine_path: Path, metadata: dict) -> None:
 
 
 def _rebuild_hint(engine_path: Path) -> str:
-    from exporters.tensorrt import BUILD_COMMAND, ENGINE_DIR
-
     bundle = engine_path.parent.parent if engine_path.parent.name == ENGINE_DIR else engine_path.parent
     return f"{BUILD_COMMAND} {bundle}"
 
@@ -264,10 +254,5 @@ def _torch_dtype(trt, torch, dtype):
 
 
 def _kv_layout(engine, inputs: list[str]) -> list[KVShape]:
-    shapes, layer = [], 0
-    while f"past_key_values.{layer}.key" in inputs:
-        key = engine.get_tensor_shape(f"past_key_values.{layer}.key")
-        value = engine.get_tensor_shape(f"past_key_values.{layer}.value")
-        shapes.append(KVShape(int(key[1]), int(key[3]), int(value[3])))
-        layer += 1
-    return shapes
+    layers = past_kv_shapes({name: engine.get_tensor_shape(name) for name in inputs if is_kv_name(name, PAST_PREFIX)})
+    return [KVShape(int(key[1]), int(key[3]), int(value[3])) for key, value in layers]

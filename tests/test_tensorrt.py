@@ -18,8 +18,9 @@ from typer.testing import CliRunner
 
 from export_cases import export_root, sliced_model
 from exporters.onnx import trace_onnx
-from exporters.tensorrt import (BundleResult, build_engine, build_engine_if_available, check_bundle, cli,
+from exporters.tensorrt import (BundleResult, build_engine, build_engine_if_available, check_bundle,
                                 covering_profile, probe_environment, read_build_config, step_shapes, write_bundle)
+from exporters.tensorrt.cli import cli
 from exporters.trt_ops import check_graph
 from runtime.parity import make_inputs
 from runtime.trt_session import tensorrt_provider_options, validate_bundle

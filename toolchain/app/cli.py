@@ -12,7 +12,7 @@ from toolchain.app.commands.common import app
 
 
 def _add_tensorrt_commands() -> None:
-    from exporters.tensorrt import cli as trt_cli
+    from exporters.tensorrt.cli import cli as trt_cli
 
     app.add_typer(trt_cli, name="trt", help="TensorRT bundle: build the engine, check, validate")
 

@@ -44,3 +44,10 @@ class ArtifactError(ToolchainError):
 
 class NonFiniteError(ToolchainError):
     """NaN or Inf in source weights, in calibration statistics, or in a model about to be exported."""
+
+
+def first_line(err: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (at most `limit` characters), or its type name: third-party
+    errors (pybind, protobuf, TensorRT) can carry pages of context that would bury our one-line message."""
+    lines = str(err).strip().splitlines()
+    return lines[0][:limit] if lines else type(err).__name__

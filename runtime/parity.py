@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from toolchain.core.iospec import present_name
+
 from runtime.generate import KVStream
 from runtime.sessions import Past, Session
 
@@ -129,8 +131,8 @@ def compare(reference: RunnerResult, candidate: RunnerResult, tolerances: Tolera
         logits["top1"], logits["top5"] = topk_agreement(rows_ref.astype(np.float32), rows_cand.astype(np.float32))
         present = {}
         for i, ((rk, rv), (ck, cv)) in enumerate(zip(ref.present, cand.present, strict=True)):
-            present[f"present.{i}.key"] = error_metrics(_kv_rows(rk, ref.key_mask), _kv_rows(ck, ref.key_mask))
-            present[f"present.{i}.value"] = error_metrics(_kv_rows(rv, ref.key_mask), _kv_rows(cv, ref.key_mask))
+            present[present_name(i, "key")] = error_metrics(_kv_rows(rk, ref.key_mask), _kv_rows(ck, ref.key_mask))
+            present[present_name(i, "value")] = error_metrics(_kv_rows(rv, ref.key_mask), _kv_rows(cv, ref.key_mask))
         logits["reference_max_abs"] = float(np.abs(rows_ref).max()) if rows_ref.size else 0.0
         steps.append({"step": ref.name, "logits": logits, "present": present})
 

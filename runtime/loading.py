@@ -16,7 +16,7 @@ from toolchain.model.modeling import SlicedForCausalLM
 
 def load_causal_lm(spec: str | Path, dtype: torch.dtype = torch.float32):
     """(model in eval mode, local checkpoint dir). Tokenizer files are optional here."""
-    import toolchain.model  # noqa: F401  (registers the canonical model with the Auto classes)
+    import toolchain.model.modeling  # noqa: F401  (registers the canonical model with the Auto classes)
     from toolchain.data.sources import load_hf_weights, resolve_model
 
     path = Path(spec).expanduser()

@@ -487,7 +487,7 @@ def smollm2_export(tmp_path_factory):
 def test_smollm2_genai_text_generation_equals_torch(smollm2_export, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import toolchain.model  # noqa: F401  (registers the Auto classes)
+    import toolchain.model.modeling  # noqa: F401  (registers the Auto classes)
     from exporters.genai import tokenizer_check
 
     sliced, onnx_dir = smollm2_export

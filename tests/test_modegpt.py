@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import toolchain.model  # noqa: F401  (registers the canonical model with the Auto classes)
+import toolchain.model.modeling  # noqa: F401  (registers the canonical model with the Auto classes)
 from tiny_models import ARCHS, VOCAB, batch_with_left_padding, calibration_batch, logits, masked_max_diff, tiny_hf_model
 from toolchain.model.adapters import to_canonical
 from toolchain.compress import modegpt as mg

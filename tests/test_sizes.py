@@ -11,7 +11,7 @@ import torch
 import transformers as tf
 from typer.testing import CliRunner
 
-import toolchain.model  # noqa: F401  (registers the canonical model with the Auto classes)
+import toolchain.model.modeling  # noqa: F401  (registers the canonical model with the Auto classes)
 from tiny_models import ARCHS, VOCAB, calibration_batch, tiny_hf_model
 from toolchain.analysis import roofline
 from toolchain.model import sizes

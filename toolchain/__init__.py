@@ -2,7 +2,7 @@
 
 The package is layered; imports point down only (checked by the import contract in pyproject.toml):
 core (no torch) → model → data → compress → runtime → exporters → analysis → app. Importing
-`toolchain` itself loads nothing heavy; `import toolchain.model` registers the canonical model with
+`toolchain` itself loads nothing heavy; `import toolchain.model.modeling` registers the canonical model with
 transformers' Auto classes, so a saved model loads with `AutoModelForCausalLM.from_pretrained(dir)`
 without trust_remote_code.
 """

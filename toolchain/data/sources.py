@@ -287,7 +287,7 @@ def load_hf_config(resolved: ResolvedModel):
     """The checkpoint's HF config, after checking the weights' headers and shapes (no tensor is read)."""
     from transformers import AutoConfig
 
-    import toolchain.model  # noqa: F401  (registers the canonical model with the Auto classes)
+    import toolchain.model.modeling  # noqa: F401  (registers the canonical model with the Auto classes)
 
     path = resolved.path
     shapes = check_checkpoint_dir(path)

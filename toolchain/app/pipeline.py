@@ -208,6 +208,9 @@ def _compress_key(o: BuildOptions) -> dict:
     key = asdict(o.compress_options())
     for name in ("stream", "offload_activations"):
         key.pop(name)
+    if o.rotate == "none":  # not rotating writes what builds from before --rotate wrote: same key, they resume
+        for name in ("rotate", "rotate_heads"):
+            key.pop(name)
     return key
 
 

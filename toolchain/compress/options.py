@@ -31,6 +31,7 @@ TIE_MODES = ("slice", "project", "untie")  # "untie" is applied when mapping the
 TIE_BASES = ("joint", "first")
 SHARE_MODES = ("none", "layer", "all")
 BUDGETS = ("uniform", "variance", "global")
+ROTATE_MODES = ("none", "random", "hadamard")
 MAX_SPARSITY = 0.8  # MoDeGPT's default per-layer cap, which also bounds the overall compression
 
 
@@ -187,7 +188,7 @@ def slice_interval(options) -> Interval:
     rotate-only default), or where something else sets the widths."""
     if options is not None and (isinstance(options, SliceOptions) or options.rotation != "pca" or
                                 options.widths is not None or options.target_params is not None or
-                                options.target_ratio is not None or options.method == "modegpt"):
+                                options.target_ratio is not None or options.method in ("modegpt", "none")):
         return Interval(0.0, 1.0, high_open=True)
     return Interval(0.0, 1.0, low_open=True, high_open=True)
 
@@ -233,7 +234,7 @@ class SlicingOptions(RunOptions):
                                        cli_type=int)
     budget: str = option("variance", "How a target is met: uniform (one width) | variance (one explained-variance "
                          "fraction for all positions) | global (greedy on the PCA spectra)", choices=BUDGETS)
-    seed: int = option(0, "Calibration sampling seed")
+    seed: int = option(0, "Calibration sampling seed (and --rotate's)")
 
 
 @dataclass(kw_only=True)
@@ -273,7 +274,8 @@ class CompressOptions(SlicingOptions):
     """The compress stage's input (`toolchain slice`, the build's compress stage)."""
 
     model: str = option(help="Hub id, short name (smollm2-135m, phi-2, ...), HF dir or .gguf", flags=("--model", "-m"))
-    method: str = option("slicegpt", "{choices}", choices=METHODS)
+    method: str = option("slicegpt", "{choices} (none: no compression, the model as is, e.g. for --rotate and "
+                         "--quantize; --slice and --compression are then ignored)", choices=METHODS)
     slice: float = with_default(SlicingOptions, "slice", 0.3)
     compression: float = with_default(ModegptOptions, "compression", 0.25)
     target_ratio: float | None = option(None, "Fraction of the input's total (tied) parameters to keep, in {range}, "
@@ -282,6 +284,12 @@ class CompressOptions(SlicingOptions):
                                         example="e.g. --target-ratio 0.8 keeps 80%")
     allow_larger: bool = option(False, "Write the result even if it is not smaller than the input",
                                 flags=("--allow-larger",))
+    rotate: str = option("none", "After compressing, fold an orthogonal rotation of each residual stream into the "
+                         "weights (exact, same logits; spreads outlier channels before --quantize int4): {choices} "
+                         "(hadamard: randomised Hadamard, random orthogonal where no construction exists; loads the "
+                         "whole model)", choices=ROTATE_MODES)
+    rotate_heads: bool = option(False, "With --rotate: also rotate each attention head's values (v_proj outputs, "
+                                "o_proj inputs; exact)", flags=("--rotate-heads",))
     calib: str = option("ptb", "Calibration text: ptb | wikitext2 | c4 | alpaca | a .txt/.jsonl/.parquet file",
                         check=check_calibration_source)
     nsamples: int = option(32, "Calibration windows", integer=True, interval=POSITIVE)
@@ -297,6 +305,14 @@ class CompressOptions(SlicingOptions):
         check_options(self)
         if self.target_params is not None and self.target_ratio is not None:
             raise InvalidOptionError("give --target-params or --target-ratio, not both")
+        if self.rotate_heads and self.rotate == "none":
+            raise InvalidOptionError("--rotate-heads needs --rotate random or --rotate hadamard")
+        if self.method == "none":  # options that only choose how much to compress contradict "no compression"
+            given = [flag for flag, value in (("--widths", self.widths), ("--target-ratio", self.target_ratio),
+                                              ("--target-params", self.target_params)) if value is not None]
+            if given:
+                raise InvalidOptionError(f"--method none compresses nothing; drop {', '.join(given)} or pick "
+                                         "--method slicegpt|modegpt|slicegpt+modegpt")
         resolve_device(self.device)
 
     def slice_options(self, device: str, target_params: int | None) -> SliceOptions:

@@ -60,8 +60,9 @@ def check_supported(model_dir: Path) -> None:
 
 
 def streams(options: CompressOptions) -> bool:
-    """Whether `options` take the streaming (layer by layer) path."""
-    return options.stream and options.method == "slicegpt"
+    """Whether `options` take the streaming (layer by layer) path. Rotating (`--rotate`) revisits every
+    layer after slicing, so it runs on the model in memory."""
+    return options.stream and options.method == "slicegpt" and options.rotate == "none"
 
 
 def _load_in_memory(options: CompressOptions, resolved):
@@ -118,8 +119,8 @@ def compress_to_dir(options: CompressOptions, out_dir: str | Path, overwrite: bo
             check_plan_is_smaller(model, slice_options, dense_params.total, options.allow_larger)
         elif "slicegpt" in options.method:
             resolve_widths(model, slice_options)
-        windows = token_windows(tokenizer, load_text(options.calib, "train"), options.nsamples, options.seqlen,
-                                options.seed)
+        windows = None if options.method == "none" else \
+            token_windows(tokenizer, load_text(options.calib, "train"), options.nsamples, options.seqlen, options.seed)
         offload = None if options.offload_activations is None else Path(options.offload_activations)
         if "slicegpt" in options.method:
             slice_model(model, windows.input_ids, windows.attention_mask, slice_options, progress=progress,
@@ -132,9 +133,18 @@ def compress_to_dir(options: CompressOptions, out_dir: str | Path, overwrite: bo
             if options.method == "slicegpt+modegpt":
                 model.config.compression = {**model.config.compression, "slice": options.slice,
                                             "method": options.method}
+        if options.method == "none":
+            model.config.compression = {"method": "none"}
+        rotated = None
+        if options.rotate != "none":
+            from toolchain.compress.rotate import rotate_model
+
+            rotated = rotate_model(model, options.rotate, options.seed, heads=options.rotate_heads,
+                                   project_table=options.tie == "project")
         compressed_params = count_parameters(model)
-        ensure_smaller(compressed_params.total, dense_params.total, options.allow_larger, f"--method {options.method}",
-                       "Compress more (--slice, --target-ratio, --compression)")  # checked before anything is final
+        if options.method != "none":  # converting only keeps the size (or grows it with --tie untie, as asked)
+            ensure_smaller(compressed_params.total, dense_params.total, options.allow_larger,
+                           f"--method {options.method}", "Compress more (--slice, --target-ratio, --compression)")
         report = {
             "source_model": options.model,
             "method": options.method,
@@ -147,7 +157,8 @@ def compress_to_dir(options: CompressOptions, out_dir: str | Path, overwrite: bo
                              "dense": weight_bytes(dense_params.total, model.dtype),
                              "compressed": weight_bytes(compressed_params.total, model.dtype)},
             "residual_widths": model.config.residual_widths,
-            "calibration": windows.protocol | {"source": options.calib},
+            "calibration": None if windows is None else windows.protocol | {"source": options.calib},
+            "rotation": rotated,
         }  # no timings here: same inputs must give byte-identical outputs (the manifest keeps timings)
         if weights is None:
             model.save_pretrained(tmp)

@@ -23,7 +23,7 @@ from toolchain.model.sizes.decoder import Decoder, canonical
 
 TIE_MODES = ("slice", "project", "untie")
 SHARE_MODES = ("none", "layer", "all")
-METHODS = ("slicegpt", "modegpt", "slicegpt+modegpt")
+METHODS = ("slicegpt", "modegpt", "slicegpt+modegpt", "none")
 ROUND_TO = 8
 
 

@@ -147,7 +147,7 @@ class OrtSession(Session):
         self.device = "cuda" if provider in ("cuda", "tensorrt") else "cpu"
         self._inputs = {i.name: i for i in self.session.get_inputs()}
         self._outputs = [o.name for o in self.session.get_outputs()]
-        self.kv_shapes, self.kv_dtype = _kv_layout(self._inputs)
+        self.kv_shapes, self.kv_dtype = _kv_layout(self._inputs, self.path)
         self.vocab_size = _vocab_size(self.session, self.path)
         self.kv_buffer = kv_buffer
         self._shared: tuple | None = None  # (numpy KV buffers, the present handed out last, their IO binding)
@@ -279,13 +279,26 @@ def _as_type(array: np.ndarray, ort_type: str) -> np.ndarray:
     return np.ascontiguousarray(array if dtype is None else array.astype(dtype, copy=False))
 
 
-def _kv_layout(inputs: dict) -> tuple[list[KVShape], np.dtype]:
+def _kv_layout(inputs: dict, path: Path) -> tuple[list[KVShape], np.dtype]:
     layers = past_kv_shapes({name: value.shape for name, value in inputs.items()})
     if not layers:
         raise ArtifactError(f"the ONNX graph has no {past_name('{i}', 'key')} inputs; export it with "
                             "`toolchain export` (KV-cache graph with optimum/genai names)")
-    shapes = [KVShape(int(key[1]), int(key[3]), int(value[3])) for key, value in layers]
+    head_size = None
+    if any(not isinstance(dim, int) for key, value in layers for dim in (key[1], key[3], value[3])):
+        head_size = _genai_head_size(path)  # onnxruntime-genai's builder leaves the KV head dim symbolic
+    shapes = [KVShape(int(key[1]), int(key[3]) if isinstance(key[3], int) else head_size,
+                      int(value[3]) if isinstance(value[3], int) else head_size) for key, value in layers]
     return shapes, np.dtype(_ORT_TYPES[inputs[past_name(len(layers) - 1, "key")].type])
+
+
+def _genai_head_size(path: Path) -> int:
+    config = path.parent / "genai_config.json"
+    try:
+        return int(json.loads(config.read_text())["model"]["decoder"]["head_size"])
+    except (OSError, KeyError, ValueError, TypeError):
+        raise ArtifactError(f"{path} leaves the KV cache's head size symbolic and there is no readable "
+                            f"{config.name} beside it to give it; export the model with `toolchain export`") from None
 
 
 def _vocab_size(session, path: Path) -> int:

@@ -48,7 +48,7 @@ from exporters.onnx import EXTERNAL_DATA_THRESHOLD, MODEL_FILE
 from toolchain.core.tokenizer_files import TOKENIZER_FILES
 
 MODES = ("int4", "int8")
-ALGORITHMS = ("minmax", "hqq")
+ALGORITHMS = ("minmax", "hqq", "gptq")
 # --quant-compute → MatMulNBits accuracy_level (4: int8 activations per block; 0: fp32)
 COMPUTE_LEVELS = {"int8": 4, "fp32": 0}
 INT8_METHODS = ("nbits", "dynamic")
@@ -77,7 +77,11 @@ class QuantizeOptions:
     int8_method: str = "nbits"  # int8: nbits (MatMulNBits 8-bit, weight-only) | dynamic (quantize_dynamic)
     per_channel: bool = True  # int8 dynamic: one scale per output channel (else per tensor)
     residual_bits: int = 8  # int4: bits of the residual-reading MatMuls (8, 4, or 32 = keep fp32)
-    algorithm: str = "minmax"  # int4 blocks: minmax (round to nearest over each block's range) | hqq
+    # int4 blocks: minmax (round to nearest over each block's range) | hqq | gptq (calibrated, needs the
+    # canonical model: quantize_onnx's `calibration`)
+    algorithm: str = "minmax"
+    # int4: the token table as a 4-bit GatherBlockQuantized (one table with a tied 4-bit head)
+    embeddings: bool = False
     overwrite: bool = False
 
     def validate(self) -> None:
@@ -91,6 +95,10 @@ class QuantizeOptions:
             raise InvalidOptionError(f"residual_bits must be 4, 8 or 32 (fp32), got {self.residual_bits}")
         if self.algorithm not in ALGORITHMS:
             raise InvalidOptionError(f"unknown int4 algorithm {self.algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
+        if self.algorithm == "gptq" and self.symmetric:
+            raise InvalidOptionError("--quant-algorithm gptq writes asymmetric blocks; drop symmetric")
+        if self.embeddings and self.mode != "int4":
+            raise InvalidOptionError("--quantize-embeddings stores the token table at 4 bits; use it with --quantize int4")
         if self.accuracy_level not in (None, 0, 1, 2, 3, 4):
             raise InvalidOptionError(f"accuracy_level must be 0..4, got {self.accuracy_level}")
 
@@ -117,16 +125,21 @@ class QuantizeResult:
 
 def quantize_onnx(onnx_dir: str | Path, out: str | Path, mode: str = "int4", block_size: int = 32,
                   options: QuantizeOptions | None = None, parity: bool = True, eval_text: str | None = None,
-                  eval_windows: int = 4, eval_seqlen: int = 256) -> QuantizeResult:
+                  eval_windows: int = 4, eval_seqlen: int = 256, calibration=None, progress=None) -> QuantizeResult:
     """Quantize the fp32 export at `onnx_dir` into the new dir `out`.
 
     `options` (if given) overrides mode/block_size. parity: compare with the fp32 graph on random
     token ids (batch 4, prefill + 4 decode steps); eval_text (e.g. "ptb" or a file, needs the
     tokenizer files in the export): top-1 agreement and perplexity of both graphs on `eval_windows`
     windows of `eval_seqlen` tokens of its test split instead. Results go to quantize_report.json.
+    `calibration` (exporters.gptq_weights.Calibration): the canonical model and text GPTQ runs on
+    (--quant-algorithm gptq only).
     """
     options = options or QuantizeOptions(mode=mode, block_size=block_size)
     options.validate()
+    if options.algorithm == "gptq" and calibration is None:
+        raise InvalidOptionError("--quant-algorithm gptq needs the canonical model the export came from "
+                                 "(a build dir); a bare export dir has only the ONNX graph")
     source = _export_dir(onnx_dir)
     export_config = json.loads((source / "export_config.json").read_text())
     if export_config.get("dtype") != "fp32" or export_config.get("quantization"):
@@ -136,11 +149,11 @@ def quantize_onnx(onnx_dir: str | Path, out: str | Path, mode: str = "int4", blo
     out = Path(out)
     start = time.perf_counter()
     graph = onnx.load(str(src_model), load_external_data=False)
-    expected = expected_sizes(graph, source, options)
 
     with atomic_dir(out, overwrite=options.overwrite) as tmp:
         model = onnx.load(str(src_model))  # with weights
-        quantized, tool = _quantize(model, src_model, tmp, options)
+        parts_before = part_bytes(model)  # the writer edits `model` in place
+        quantized, tool = _quantize(model, src_model, tmp, options, calibration, progress)
         seconds = time.perf_counter() - start
         external = onnx_graph.initializer_bytes(quantized) >= EXTERNAL_DATA_THRESHOLD
         onnx_graph.save(quantized, tmp / MODEL_FILE, external)
@@ -151,11 +164,20 @@ def quantize_onnx(onnx_dir: str | Path, out: str | Path, mode: str = "int4", blo
         counts = onnx_graph.op_counts(final)
         sizes = {"fp32_bytes": _model_bytes(src_model), "quantized_bytes": _model_bytes(tmp / MODEL_FILE)}
         sizes["ratio"] = sizes["quantized_bytes"] / sizes["fp32_bytes"]
+        embeddings = _embedding_record(quantized) if options.mode == "int4" else {"quantized": False}
+        expected = expected_sizes(graph, source, options, shared_table=embeddings.get("shared_with_head", False))
         sizes.update(expected)
         sizes["expected_ratio"] = expected["expected_bytes"] / sizes["fp32_bytes"]
+        parts_after = part_bytes(quantized)
+        sizes["parts"] = {part: {"fp32_bytes": parts_before.get(part, 0), "quantized_bytes": parts_after.get(part, 0)}
+                          for part in PARTS}
         record = {"mode": options.mode, "tool": tool, "block_size": options.block_size if options.nbits else None,
                   "symmetric": options.symmetric if options.nbits else None,
                   "matmul_bits": expected["matmul_bits"], "source": str(source)}
+        if options.mode == "int4":
+            record["embeddings"] = embeddings
+        if calibration is not None and options.algorithm == "gptq":
+            record["calibration"] = calibration.key()
         write_json(tmp / "export_config.json", {**export_config, "external_data": MODEL_FILE + onnx_graph.DATA_SUFFIX
                                                 if external else None, "quantization": record})
         report = {
@@ -171,7 +193,8 @@ def quantize_onnx(onnx_dir: str | Path, out: str | Path, mode: str = "int4", blo
     return QuantizeResult(out, out / MODEL_FILE, report)
 
 
-def _quantize(model: onnx.ModelProto, src_model: Path, tmp: Path, options: QuantizeOptions):
+def _quantize(model: onnx.ModelProto, src_model: Path, tmp: Path, options: QuantizeOptions,
+              calibration=None, progress=None):
     with _quiet():  # before the imports: onnxruntime.quantization sets the root logger to INFO on import
         import onnxruntime
 
@@ -181,10 +204,33 @@ def _quantize(model: onnx.ModelProto, src_model: Path, tmp: Path, options: Quant
         if not matmuls:
             raise ArtifactError(f"{src_model} has no MatMul with a constant weight to quantize")
         if options.nbits:
-            from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
             plan = {node.name: options.bits_for(module_name(node)) for node in matmuls}
             passes = sorted({bits for bits in plan.values() if bits is not None}, reverse=True)
+            widths = ", ".join(f"{sum(1 for b in plan.values() if b == bits)} MatMuls at {bits} bits" for bits in passes)
+            kept = sum(1 for b in plan.values() if b is None)
+            table = token_table(model)
+            if options.algorithm in ("minmax", "gptq") and not options.symmetric:
+                # our writer: the same bytes as MatMulNBitsQuantizer for minmax, and the only way to store
+                # GPTQ codes or share the token table with the head
+                from exporters.nbits import replace_matmuls
+
+                calibrated = {}
+                if options.algorithm == "gptq":
+                    from exporters.gptq_weights import gptq_weights
+
+                    calibrated = gptq_weights(calibration, options.block_size, lambda name: options.bits_for(name) == 4,
+                                              bits=4, progress=progress)
+                weights = block_weights(model, matmuls, plan, options, calibrated)
+                tied = tied_head(model, table, matmuls)
+                replace_matmuls(model, weights, options.accuracy_level)
+                shared = tied if tied in weights and weights[tied].bits == 4 else None
+                embedded = _quantize_table(model, table, shared, weights.get(shared), options) if options.embeddings else ""
+                return model, (f"toolchain MatMulNBits writer (onnxruntime {onnxruntime.__version__}; {options.algorithm}, "
+                               f"block_size={options.block_size}, asymmetric; {widths}{f', {kept} kept fp32' if kept else ''}"
+                               f"{embedded})")
+            from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+            modules = {node.name: list(node.metadata_props) for node in matmuls}
             for bits in passes:  # one pass per bit width; each rewrites only its own nodes
                 # (nodes_to_include adds to the op types it quantizes anyway: exclude the others instead)
                 quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=options.block_size,
@@ -193,11 +239,13 @@ def _quantize(model: onnx.ModelProto, src_model: Path, tmp: Path, options: Quant
                                                  algo_config=_algorithm_config(options, bits))
                 quantizer.process()
                 model = quantizer.model.model
-            widths = ", ".join(f"{sum(1 for b in plan.values() if b == bits)} MatMuls at {bits} bits" for bits in passes)
-            kept = sum(1 for b in plan.values() if b is None)
+            for node in model.graph.node:  # the quantizer's nodes lose the module names the report reads
+                if node.op_type == "MatMulNBits" and not node.metadata_props:
+                    node.metadata_props.extend(modules.get(node.name.rsplit("_Q", 1)[0], []))
+            embedded = _quantize_table(model, token_table(model), None, None, options) if options.embeddings else ""
             return model, (f"onnxruntime {onnxruntime.__version__} MatMulNBitsQuantizer ({options.algorithm}, block_size={options.block_size}, "
                            f"{'symmetric' if options.symmetric else 'asymmetric'}; {widths}"
-                           f"{f', {kept} kept fp32' if kept else ''})")
+                           f"{f', {kept} kept fp32' if kept else ''}{embedded})")
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         external = onnx_graph.initializer_bytes(model) >= EXTERNAL_DATA_THRESHOLD
@@ -213,6 +261,99 @@ def _quantize(model: onnx.ModelProto, src_model: Path, tmp: Path, options: Quant
             path.unlink()
         return quantized, (f"onnxruntime {onnxruntime.__version__} quantize_dynamic (QInt8 weights "
                            f"{'per channel' if options.per_channel else 'per tensor'}, MatMulInteger)")
+
+
+def block_weights(model: onnx.ModelProto, matmuls: list, plan: dict, options: QuantizeOptions,
+                  calibrated: dict) -> dict:
+    """{B initializer name: BlockQuantized of W = Bᵀ} for every MatMul the plan quantizes: the
+    calibrated (GPTQ) codes where there are 4-bit ones for its module, else round to nearest."""
+    from toolchain.core.blockquant import rtn_quantize
+
+    inits = {t.name: t for t in model.graph.initializer}
+    weights = {}
+    for node in matmuls:
+        bits, name = plan[node.name], node.input[1]
+        if bits is None or name in weights:
+            continue
+        b = onnx.numpy_helper.to_array(inits[name])
+        if bits == 4 and calibrated:
+            weights[name] = _calibrated_weight(module_name(node).removeprefix("model."), calibrated, b.shape)
+        else:
+            weights[name] = rtn_quantize(np.ascontiguousarray(b.T, dtype=np.float32), options.block_size, bits)
+    return weights
+
+
+# the fast graph packs Linears that read one input into one MatMul (exporters/ort_fusion.py)
+PACKED = {".attn.qkv_proj": (".attn.q_proj", ".attn.k_proj", ".attn.v_proj"),
+          ".mlp.gate_up_proj": (".mlp.gate_proj", ".mlp.up_proj")}
+
+
+def _calibrated_weight(module: str, calibrated: dict, b_shape: tuple):
+    from exporters.nbits import concat_n
+
+    parts = [module]
+    for packed, members in PACKED.items():
+        if module.endswith(packed):
+            parts = [module.removesuffix(packed) + member for member in members]
+    missing = [part for part in parts if part not in calibrated]
+    if missing:
+        raise ArtifactError(f"the calibrated weights have no {', '.join(missing)} (MatMul of module {module!r})")
+    # packing along N is exact: every member was quantized on the same input
+    q = calibrated[parts[0]] if len(parts) == 1 else concat_n([calibrated[part] for part in parts])
+    if tuple(q.codes.shape) != (b_shape[1], b_shape[0]):
+        raise ArtifactError(f"calibrated {module} is {tuple(q.codes.shape)}; the graph's weight is [N={b_shape[1]}, K={b_shape[0]}]")
+    return q
+
+
+def token_table(model: onnx.ModelProto):
+    """The Gather of the token table on input_ids, or None."""
+    from toolchain.core.iospec import INPUT_IDS
+
+    inits = {t.name for t in model.graph.initializer}
+    return next((node for node in model.graph.node if node.op_type == "Gather" and node.input[0] in inits
+                 and node.input[1] == INPUT_IDS), None)
+
+
+def tied_head(model: onnx.ModelProto, table, matmuls: list) -> str | None:
+    """The MatMul weight that is the token table transposed (a tied head the fast graph stores twice)."""
+    if table is None:
+        return None
+    inits = {t.name: t for t in model.graph.initializer}
+    rows = inits[table.input[0]]
+    for node in matmuls:
+        b = inits[node.input[1]]
+        if list(b.dims) == list(rows.dims)[::-1] and np.array_equal(onnx.numpy_helper.to_array(b).T,
+                                                                    onnx.numpy_helper.to_array(rows)):
+            return node.input[1]
+    return None
+
+
+def _quantize_table(model: onnx.ModelProto, table, head_weight: str | None, head, options: QuantizeOptions) -> str:
+    """The token table as GatherBlockQuantized (4 bits): with `head_weight` (the tied head's fp32
+    weight name, now a 4-bit MatMulNBits of the same matrix) the lookup reads the head's packed
+    table; else the table gets its own round-to-nearest blocks. Returns a note for the tool line."""
+    from exporters.nbits import gather_block_quantized
+    from toolchain.core.blockquant import rtn_quantize
+
+    if table is None:
+        return "; no token table Gather to quantize"
+    if head_weight is not None:
+        gather_block_quantized(model, table, head, head_weight, ensure_initializers=False)
+        return "; token table: the tied head's int4 table (GatherBlockQuantized)"
+    rows = onnx.numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == table.input[0]))
+    q = rtn_quantize(np.asarray(rows, np.float32), options.block_size, 4)
+    gather_block_quantized(model, table, q, table.input[0], ensure_initializers=True)
+    return "; token table: int4 round to nearest (GatherBlockQuantized)"
+
+
+def _embedding_record(model: onnx.ModelProto) -> dict:
+    lookups = [n for n in model.graph.node if n.op_type == "GatherBlockQuantized"]
+    if not lookups:
+        return {"quantized": False}
+    producers = {out: n for n in model.graph.node for out in n.output}
+    table = producers[lookups[0].input[0]].input[0]  # the Reshape's packed table
+    shared = any(n.op_type == "MatMulNBits" and n.input[1] == table for n in model.graph.node)
+    return {"quantized": True, "bits": 4, "shared_with_head": shared}
 
 
 def _algorithm_config(options: QuantizeOptions, bits: int):
@@ -245,10 +386,11 @@ def module_name(node) -> str:
     return next((part for part in reversed(parts) if part.startswith("model.")), "")
 
 
-def expected_sizes(graph: onnx.ModelProto, source: Path, options: QuantizeOptions) -> dict:
+def expected_sizes(graph: onnx.ModelProto, source: Path, options: QuantizeOptions, shared_table: bool = False) -> dict:
     """The size the quantized graph should have: the fp32 file minus the MatMul weights' fp32 bytes
     plus their quantized bytes (packed weights, scales, zero points). Weights another op also reads
-    (e.g. a tied embedding) keep their fp32 copy."""
+    (e.g. a tied embedding) keep their fp32 copy. With options.embeddings the token table is 4-bit
+    blocks too, stored once with the head's when `shared_table`."""
     inits = {t.name: t for t in graph.graph.initializer}
     users: dict[str, int] = {}
     for node in graph.graph.node:
@@ -273,10 +415,64 @@ def expected_sizes(graph: onnx.ModelProto, source: Path, options: QuantizeOption
         else:
             channels = n if options.per_channel else 1
             quant_bytes += k * n + channels * (4 + 1)  # int8 weights, fp32 scale, int8 zero point
+    table = token_table(graph) if options.embeddings and options.mode == "int4" else None
+    if table is not None:
+        rows = inits[table.input[0]]
+        vocab, width = rows.dims
+        fp32_bytes += vocab * width * (2 if rows.data_type == onnx.TensorProto.FLOAT16 else 4)
+        blocks = math.ceil(width / options.block_size)
+        quant_bytes += 0 if shared_table else vocab * (blocks * options.block_size // 2 + blocks * 4 + math.ceil(blocks / 2))
     total = _model_bytes(source / MODEL_FILE)
     counts = {str(bits or 32): sum(1 for b in bits_of.values() if b == bits) for bits in set(bits_of.values())}
     return {"matmul_weights": len(matmuls), "matmul_bits": counts, "matmul_fp32_bytes": fp32_bytes, "matmul_quantized_bytes": quant_bytes,
             "other_bytes": total - fp32_bytes, "expected_bytes": total - fp32_bytes + quant_bytes}
+
+
+# --- bytes by part ---------------------------------------------------------------------------------
+
+PARTS = ("token_table", "head", "block_linears", "shortcuts_projections", "other")
+
+
+def part_of(module: str) -> str:
+    """The report part of a weight MatMul's module (or weight) name."""
+    if "lm_head" in module:
+        return "head"
+    if any(p in module for p in ("_shortcut", "head_proj", "embed_proj")):
+        return "shortcuts_projections"
+    if "layers." in module:
+        return "block_linears"
+    return "other"
+
+
+def part_bytes(model: onnx.ModelProto) -> dict[str, int]:
+    """Initializer bytes of the graph by part: the token table (Gather / GatherBlockQuantized on
+    input_ids), the head, the blocks' linears, shortcuts and projections, everything else. A table
+    the head and the lookup share counts as the head's."""
+    from toolchain.core.iospec import INPUT_IDS
+
+    readers: dict[str, list] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    lookup_tables = set()
+    producers = {out: n for n in model.graph.node for out in n.output}
+    for node in model.graph.node:
+        if node.op_type in ("Gather", "GatherBlockQuantized") and len(node.input) > 1 and node.input[1] == INPUT_IDS:
+            for name in node.input[:1] + node.input[2:]:
+                lookup_tables.add(name)
+                if name in producers:  # GatherBlockQuantized reads the table through a Reshape
+                    lookup_tables.update(producers[name].input)
+    totals = dict.fromkeys(PARTS, 0)
+    for tensor in model.graph.initializer:
+        size = len(tensor.raw_data) if tensor.HasField("raw_data") else onnx.numpy_helper.to_array(tensor).nbytes
+        weights = [n for n in readers.get(tensor.name, []) if n.op_type in ("MatMul", "MatMulNBits") and len(n.input) > 1
+                   and tensor.name in n.input[1:]]
+        if weights:
+            part = part_of(module_name(weights[0]) or tensor.name)
+        else:
+            part = "token_table" if tensor.name in lookup_tables else "other"
+        totals[part] += size
+    return totals
 
 
 # --- parity ----------------------------------------------------------------------------------------

@@ -4,7 +4,8 @@ Graphs (`ExportOptions.optimize`):
   fast   (default) the model emitted directly as ORT's fused contrib ops — GroupQueryAttention,
          RotaryEmbedding, (Skip)SimplifiedLayerNormalization, packed MatMuls (exporters/ort_fusion.py) —
          then checked against torch (batch 2, left padding, prefill + decode) before it is kept. Models
-         or dtypes it cannot express exactly (fp16, MoDeGPT head dims, sliding windows) fall back to
+         or dtypes it cannot express exactly (fp16, q/k ≠ v or non-multiple-of-8 head dims as MoDeGPT
+         leaves them with --modegpt-multiple 1, sliding windows) fall back to
          `basic`, with the reason in export_report.json and the log.
   basic  torch.onnx.export(dynamo=True) → check → ORT transformer optimizer (fuses the norms only)
          → [fp16 with fp32 islands] → check. Standard ops plus ORT's norm ops.

@@ -23,9 +23,14 @@ The I/O contract is the traced graph's (optimum/genai names, concatenating KV ca
 and batch > 1 supported): seqlens_k is total−1 for every row and the padding lives in the additive
 attention bias, so GroupQueryAttention computes exactly the canonical model's masked attention.
 
-Models the contrib ops cannot express fall back to the traced graph (`unsupported_reason`):
-MoDeGPT layers with q/k head dim ≠ v head dim, head dims that are not a multiple of 8, or per-head
-RoPE pairs; sliding windows; activations ORT has no fused kernel for.
+MoDeGPT's reduced heads: a rotary dim below the head dim is RotaryEmbedding's rotary_embedding_dim,
+and per-KV-head RoPE pairs (rope_pair_index) are rotated exactly by giving every (token, KV group)
+its own cos/sin row (exporters/ort_rope.py).
+
+Models the contrib ops cannot express fall back to the traced graph (`unsupported_reason`): layers
+with q/k head dim ≠ v head dim or a head dim that is not a multiple of 8 (GroupQueryAttention takes
+one head size, and its kernels multiples of 8; MoDeGPT with --modegpt-multiple 1 can leave both);
+sliding windows; activations ORT has no fused kernel for.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from exporters import ort_rope
 from toolchain.model.modeling import SlicedForCausalLM, rope_inverse_frequencies
 
 from toolchain.core.iospec import (ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, input_names, io_shapes,
@@ -71,9 +77,6 @@ def unsupported_reason(config) -> str | None:
         if qk % 8:
             return f"layer {layer} has head dim {qk}; GroupQueryAttention needs a multiple of 8"
         if config.position_embedding == "rope":
-            if config.rope_pair_index[layer] is not None:
-                return (f"layer {layer} keeps its own RoPE pairs per head (MoDeGPT); GroupQueryAttention "
-                        "applies one rotary table to every head")
             if config.qk_rotary_dim(layer) > qk or config.qk_rotary_dim(layer) % 2:
                 return f"layer {layer}: rotary dim {config.qk_rotary_dim(layer)} does not fit head dim {qk}"
     return None
@@ -169,6 +172,9 @@ def _build(model: SlicedForCausalLM, config, opset: int) -> onnx.ModelProto:
         inv_freq, scaling = rope_inverse_frequencies(config)
         angles = torch.arange(config.max_position_embeddings)[:, None].float() * inv_freq.float()[None]
         rope_caches = [b.const("cos_cache", angles.cos() * scaling), b.const("sin_cache", angles.sin() * scaling)]
+    kept_pair_rows = None
+    if any(pairs is not None for pairs in config.rope_pair_index) and config.position_embedding == "rope":
+        kept_pair_rows = ort_rope.step_rows(b, rope_caches, positions, config.num_key_value_heads)
 
     # --- embeddings ------------------------------------------------------------------------------
     h = b.op("Gather", [b.const("embed_tokens.weight", model.embed_tokens.weight), ids], name="embed_tokens")[0]
@@ -208,7 +214,10 @@ def _build(model: SlicedForCausalLM, config, opset: int) -> onnx.ModelProto:
         q_width, kv_width = attn.heads * attn.qk_dim, attn.kv_heads * attn.qk_dim
         sizes = b.const(f"{prefix}.qkv_split", np.array([q_width, kv_width, attn.kv_heads * attn.v_dim], np.int64))
         q, k, v = b.op("Split", [qkv, sizes], 3, name=f"{prefix}/Split", axis=-1)
-        if config.position_embedding == "rope":
+        if config.position_embedding == "rope" and config.rope_pair_index[layer] is not None:
+            q, k = ort_rope.rotate(b, q, k, kept_pair_rows, config.rope_pair_index[layer], config.rotary_dim // 2,
+                                   attn.heads, attn.kv_heads, attn.qk_dim, prefix)
+        elif config.position_embedding == "rope":
             # RotaryEmbedding, not GroupQueryAttention's do_rotary: GQA rotates a first prompt by token
             # index and ignores position_ids, which is wrong for left-padded rows
             rot = config.qk_rotary_dim(layer)

@@ -9,7 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import toolchain.model.modeling  # noqa: F401  (registers the canonical model with the Auto classes)
-from tiny_models import ARCHS, VOCAB, batch_with_left_padding, calibration_batch, logits, masked_max_diff, tiny_hf_model
+from tiny_models import (ARCHS, VOCAB, WIDE, batch_with_left_padding, calibration_batch, logits, masked_max_diff,
+                         tiny_hf_model)
 from toolchain.model.adapters import to_canonical
 from toolchain.compress import modegpt as mg
 from toolchain.compress.options import SliceOptions
@@ -229,7 +230,7 @@ def test_dead_and_duplicated_channels_compress_without_nan():
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "opt", "phi"])  # GQA, biases, learned positions, partial
 def test_save_reload_and_generate(arch, tmp_path):
     model = mg.modegpt_model(to_canonical(tiny_hf_model(arch)), *calibration(),
-                             mg.ModegptOptions(compression=0.3, temperature=math.inf))
+                             mg.ModegptOptions(compression=0.3, temperature=math.inf, multiple=1))
     config = model.config
     assert all(d < 16 for d in config.qk_head_dims + config.v_head_dims)
     assert all(i < 96 for i in config.intermediate_sizes)
@@ -251,7 +252,7 @@ def test_save_reload_and_generate(arch, tmp_path):
 @pytest.mark.parametrize("arch", ["llama", "phi"])
 def test_slicegpt_then_modegpt(arch, tmp_path):
     model = mg.slicegpt_modegpt_model(to_canonical(tiny_hf_model(arch)), *calibration(), SliceOptions(slice=0.25),
-                                      mg.ModegptOptions(compression=0.3, temperature=math.inf))
+                                      mg.ModegptOptions(compression=0.3, temperature=math.inf, multiple=1))
     config = model.config
     assert config.compression["method"] == "slicegpt+modegpt"
     assert config.compression["slicegpt"]["slice"] == 0.25 and config.compression["modegpt"]["compression"] == 0.3
@@ -264,7 +265,7 @@ def test_slicegpt_then_modegpt(arch, tmp_path):
     assert torch.isfinite(out).all() and torch.equal(out, logits(reloaded, ids, mask, pos))
 
 
-# --- ONNX export of reduced heads (per-head RoPE gather, qk ≠ v head dims) -----------------------
+# --- ONNX export of reduced heads, multiple=1 (per-head RoPE gather, qk ≠ v head dims: traced graph) --
 
 FAST_ONNX = ("llama", "phi", "opt")  # RoPE pairs under GQA, partial rotary, no RoPE; the rest with -m slow
 
@@ -277,7 +278,7 @@ def test_onnx_export_matches_torch(arch, tmp_path):
     from toolchain.core.iospec import input_names
 
     model = mg.modegpt_model(to_canonical(tiny_hf_model(arch)), *calibration(),
-                             mg.ModegptOptions(compression=0.3, temperature=math.inf))
+                             mg.ModegptOptions(compression=0.3, temperature=math.inf, multiple=1))
     assert model.config.qk_head_dims[0] < 16
     result = onnx_export.export_onnx(model, tmp_path / "onnx", onnx_export.ExportOptions(dtype="fp32"))
     inputs = list(example_inputs(model.config))
@@ -291,3 +292,74 @@ def test_onnx_export_matches_torch(arch, tmp_path):
     for got, want in zip(outputs, expected):
         assert got.shape == tuple(want.shape)
         assert abs(got - want.numpy()).max() <= 1e-4
+
+
+# --- hardware-friendly dims (--modegpt-multiple) and the fused ONNX graph --------------------------
+
+def _wide(arch: str):
+    return to_canonical(tiny_hf_model(arch, **WIDE))  # head_dim 32, intermediate 192: room for multiples
+
+
+@pytest.mark.parametrize("arch,multiple", [("llama", 8), ("phi", 8), ("qwen2", 4)])
+def test_kept_dims_are_multiples_with_one_head_size(arch, multiple):
+    """Every kept head dim and intermediate size is a multiple of the option, q/k and v share one head
+    dim per layer, and the corrected total still lands on the target compression."""
+    model = _wide(arch)
+    before = count_parameters(model).blocks
+    mg.modegpt_model(model, *calibration(), mg.ModegptOptions(compression=0.3, multiple=multiple))
+    config = model.config
+    assert config.qk_head_dims == config.v_head_dims
+    assert all(d % multiple == 0 for d in config.qk_head_dims + config.intermediate_sizes)
+    assert min(config.qk_head_dims) < 32 and min(config.intermediate_sizes) < 192  # really compressed
+    # the total is off by less than one step of one dim (an MLP channel costs 3·128 parameters here)
+    removed = 1 - count_parameters(model).blocks / before
+    assert abs(removed - 0.3) * before < multiple * 3 * 128
+    assert config.compression["multiple"] == multiple
+
+
+def test_multiple_one_is_the_rounding_of_before():
+    """multiple=1: each dim rounded to the nearest unit (whole pairs for all-RoPE q/k), q/k and v apart."""
+    sparsities = [0.1, 0.37, 0.55]
+    model = mg.modegpt_model(_wide("llama"), *calibration(),
+                             mg.ModegptOptions(layer_sparsity=sparsities, multiple=1))
+    config = model.config
+    assert config.qk_head_dims == [2 * round((1 - s) * 16) for s in sparsities]
+    assert config.v_head_dims == [round((1 - s) * 32) for s in sparsities]
+    assert config.intermediate_sizes == [round((1 - s) * 192) for s in sparsities]
+    assert config.qk_head_dims != config.v_head_dims
+
+
+def _fast_export(model, tmp_path):
+    from exporters.onnx import ExportOptions, export_onnx
+
+    return export_onnx(model, tmp_path / "onnx", ExportOptions(dtype="fp32"))
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi", "opt"])  # GQA + RoPE pairs, partial rotary, no RoPE
+def test_modegpt_exports_the_fused_graph(arch, tmp_path):
+    """With multiples of 8 the export keeps the fast graph (no fallback) and passes its torch parity
+    check; per-KV-head RoPE pairs included."""
+    pytest.importorskip("onnxruntime")
+    model = mg.modegpt_model(_wide(arch), *calibration(), mg.ModegptOptions(compression=0.3))
+    if model.config.position_embedding == "rope":
+        assert any(p is not None for p in model.config.rope_pair_index)
+    graph = _fast_export(model, tmp_path).report["graph"]
+    assert graph["kind"] == "fast" and graph["fallback_reason"] is None, graph["fallback_reason"]
+    assert graph["parity"]["passed"]
+
+
+def test_slicegpt_modegpt_exports_the_fused_graph(tmp_path):
+    pytest.importorskip("onnxruntime")
+    model = mg.slicegpt_modegpt_model(_wide("llama"), *calibration(), SliceOptions(slice=0.25),
+                                      mg.ModegptOptions(compression=0.3))
+    graph = _fast_export(model, tmp_path).report["graph"]
+    assert graph["kind"] == "fast" and graph["fallback_reason"] is None and graph["parity"]["passed"]
+
+
+def test_multiple_one_still_exports_through_the_traced_graph(tmp_path):
+    """Head dims like 11/12 cannot be one GroupQueryAttention head size: the traced graph, with the reason."""
+    pytest.importorskip("onnxruntime")
+    model = mg.modegpt_model(to_canonical(tiny_hf_model("llama")), *calibration(),
+                             mg.ModegptOptions(compression=0.3, temperature=math.inf, multiple=1))
+    graph = _fast_export(model, tmp_path).report["graph"]
+    assert graph["kind"] == "basic" and "head dim" in graph["fallback_reason"]

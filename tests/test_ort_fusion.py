@@ -162,3 +162,37 @@ def test_smollm2_fast_export_greedy_equals_torch(tmp_path):
     expected = greedy_generate(TorchSession(model), prompt, max_new_tokens=64)
     for session in (OrtSession(result.out_dir), OrtSession(result.out_dir, kv_buffer=200)):
         np.testing.assert_array_equal(greedy_generate(session, prompt, max_new_tokens=64), expected)
+
+
+def kept_pairs_model(seed: int = 0):
+    """Reduced q/k heads as MoDeGPT leaves them: each KV head rotates its own kept RoPE frequencies
+    (out of order across heads, some dropped), with non-rotary dims left over; 8-multiple head dims."""
+    import torch
+
+    config = SlicedConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                          num_key_value_heads=2, head_dim=32, intermediate_size=96, max_position_embeddings=128,
+                          qk_head_dims=[24, 16, 32], v_head_dims=[24, 16, 32],
+                          rope_pair_index=[[[0, 2, 5, 7, 9, 15], [1, 3, 4, 6, 8, 10]], [[0, 11, 12, 13], [2, 3, 7, 14]],
+                                           None])
+    torch.manual_seed(seed)
+    model = SlicedForCausalLM(config).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0.0, 0.15)
+    return model
+
+
+def test_per_head_rope_pairs_are_exact_in_the_fast_graph(tmp_path):
+    """rope_pair_index (a frequency per kept pair, per KV head) and a rotary dim below the head dim:
+    still GroupQueryAttention + RotaryEmbedding, equal to torch with left padding, prefill and decode,
+    and with the in-place KV buffer."""
+    model = kept_pairs_model()
+    assert ort_fusion.unsupported_reason(model.config) is None
+    path = tmp_path / "pairs.onnx"
+    onnx.save(ort_fusion.build_fast_graph(model), str(path))
+    counts = Counter(node.op_type for node in onnx.load(str(path)).graph.node)
+    assert counts["GroupQueryAttention"] == counts["RotaryEmbedding"] / 2 == 3
+    for session in (OrtSession(path), OrtSession(path, kv_buffer=24)):
+        report = check_parity(TorchSession(model), session, "fp32", vocab_size=VOCAB)
+        assert report["passed"], report["checks"]
+        assert report["summary"]["present"]["max_abs"] < 1e-4

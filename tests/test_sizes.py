@@ -118,19 +118,38 @@ def test_modegpt_dims_are_exact_for_a_uniform_allocation():
     for arch in ("llama", "phi"):
         hf = tiny_hf_model(arch)
         dense = sizes.describe(hf.config)
-        for method in ("modegpt", "slicegpt+modegpt"):
+        for method, multiple in (("modegpt", 1), ("modegpt", 8), ("slicegpt+modegpt", 1), ("slicegpt+modegpt", 8)):
             model = to_canonical(hf)
-            options = ModegptOptions(compression=0.3, temperature=math.inf)  # every layer the same sparsity
+            # every layer the same sparsity
+            options = ModegptOptions(compression=0.3, temperature=math.inf, multiple=multiple)
             if method == "modegpt":
                 modegpt_model(model, ids, mask, options)
             else:
                 slicegpt_modegpt_model(model, ids, mask, SliceOptions(slice=0.3), options)
-            plan = sizes.CompressionPlan(method=method, slice=0.3, compression=0.3)
+            plan = sizes.CompressionPlan(method=method, slice=0.3, compression=0.3, modegpt_multiple=multiple)
             predicted = sizes.planned(dense, plan)
             assert list(predicted.qk_head_dims) == model.config.qk_head_dims, (arch, method)
             assert list(predicted.v_head_dims) == model.config.v_head_dims, (arch, method)
             assert list(predicted.intermediate_sizes) == model.config.intermediate_sizes, (arch, method)
             assert sizes.parameters(predicted).total == numel(model), (arch, method)
+
+
+def test_modegpt_multiples_land_on_the_target_for_any_allocation():
+    """SmolLM2's shape: with multiples of 8 every kept dim is one, q/k = v, and the corrected block
+    total is within one MLP step (8 channels) of Σ (1 − s_l)·p_l, uniform or not."""
+    shape = roofline.known_config("smollm2-135m")
+    dense = sizes.canonical(sizes.describe(tf.LlamaConfig(**{k: v for k, v in shape.items()
+                                                             if not k.startswith("_") and k != "short"})))
+    blocks = lambda d: [sizes.block_parameters(d, layer) for layer in range(d.num_layers)]  # noqa: E731
+    gen = torch.Generator().manual_seed(0)
+    for sparsities in ([0.25] * 30, (torch.rand(30, generator=gen) * 0.6).tolist()):
+        target = sum((1 - s) * p for s, p in zip(sparsities, blocks(dense)))
+        kept = sizes.modegpt_dims(dense, sparsities, 8)
+        assert kept.qk_head_dims == kept.v_head_dims
+        assert all(d % 8 == 0 for d in kept.qk_head_dims + kept.intermediate_sizes)
+        assert abs(sum(blocks(kept)) - target) <= 8 * 3 * 576 / 2
+        # every layer stays within a step or two of its own share
+        assert all(abs(d - (1 - s) * 1536) <= 16 for d, s in zip(kept.intermediate_sizes, sparsities))
 
 
 def test_modegpt_through_slice_is_close_to_the_uniform_prediction(tmp_path):

@@ -18,6 +18,9 @@ sparsity s_l ∝ softmax(−BI_l/ε), BI_l = 1 − E[cos(x_in, x_out)] measured 
 so the parameter-weighted mean is c and water-filled into [0, max_sparsity]. Inside a layer every
 module type loses the same fraction s_l of its own parameters (its hidden dim shrinks by s_l), so the
 types share the layer's removal in proportion to their parameter counts.
+The kept dims are then rounded to multiples of `multiple` (8 by default: GPU kernels want them, and
+q/k and v keep one head size for ORT's GroupQueryAttention) and the total corrected back to c, by the
+size model's rule (toolchain/model/sizes/modegpt.py), so `plan` predicts the same dims.
 
 GQA. K and V are shared by the q heads of a group. Q/K: a KV head and its q heads keep one index
 set, scored with the q norms summed over the group. V/O: one SVD per KV head of
@@ -274,11 +277,6 @@ def _rows(linear, index: torch.Tensor):
     return linear.weight[index], bias
 
 
-def _kept(current: int, sparsity: float, step: int = 1) -> int:
-    """Kept size of a dim losing `sparsity` of itself, in units of `step` (RoPE pairs: 2)."""
-    return sizes.kept_dim(current, sparsity, step)
-
-
 @torch.no_grad()
 def compress_mlp(model: SlicedForCausalLM, layer: int, corr: torch.Tensor, keep: int, options: ModegptOptions) -> dict:
     """Type I: keep `keep` intermediate channels by ridge leverage score, Nyström-refit the down
@@ -411,18 +409,17 @@ def resolve_sparsities(model, residuals, calibration, options: ModegptOptions) -
                             options.max_sparsity), influence
 
 
-def compress_layer(model, index: int, residuals, calibration: Calibration, sparsity: float,
+def compress_layer(model, index: int, residuals, calibration: Calibration, kept: sizes.Decoder,
                    options: ModegptOptions) -> tuple[list[torch.Tensor], dict]:
-    """Compress attention, then the MLP on the compressed attention's output; return the layer's
-    outputs on the calibration data. Only one extra copy of the activations is held at a time
-    (σ, the widest, is streamed into its correlation)."""
-    layer, config = model.layers[index], model.config
+    """Compress attention, then the MLP on the compressed attention's output, to the dims `kept`
+    gives layer `index`; return the layer's outputs on the calibration data. Only one extra copy of
+    the activations is held at a time (σ, the widest, is streamed into its correlation)."""
+    layer = model.layers[index]
     extras = list(zip(calibration.ropes, calibration.biases))
     corr = correlation((layer.attn_norm(h) for h in residuals), calibration.masks,
                        with_ones=layer.attn.q_proj.bias is not None)
-    all_rotary = config.position_embedding == "rope" and config.qk_rotary_dim(index) == layer.attn.qk_dim
-    stats = compress_qk(model, index, corr, _kept(layer.attn.qk_dim, sparsity, 2 if all_rotary else 1))
-    stats |= compress_vo(model, index, corr, _kept(layer.attn.v_dim, sparsity), options.damping)
+    stats = compress_qk(model, index, corr, kept.qk_head_dims[index])
+    stats |= compress_vo(model, index, corr, kept.v_head_dims[index], options.damping)
     if layer.parallel:  # the MLP reads the same normed input as the attention
         mids, norm = residuals, layer.attn_norm
     else:
@@ -430,7 +427,7 @@ def compress_layer(model, index: int, residuals, calibration: Calibration, spars
                 for h, (r, b) in zip(residuals, extras)]
         norm = layer.mlp_norm
     c_sigma = correlation((mlp_hidden(layer.mlp, norm(m)) for m in mids), calibration.masks)
-    stats |= compress_mlp(model, index, c_sigma, _kept(layer.mlp.down_proj.in_features, sparsity), options)
+    stats |= compress_mlp(model, index, c_sigma, kept.intermediate_sizes[index], options)
     if layer.parallel:
         return [layer(h, r, b, None) for h, (r, b) in zip(residuals, extras)], stats
     return [_carry(layer.mlp_shortcut, m) + layer.mlp(norm(m)) for m in mids], stats
@@ -447,10 +444,13 @@ def modegpt_model(model: SlicedForCausalLM, input_ids: torch.Tensor, attention_m
     before = block_parameters_total(model)
     residuals, calibration = embed_calibration(model, input_ids, attention_mask, options.batch_size, device)
     sparsities, influence = resolve_sparsities(model, residuals, calibration, options)
+    # every layer's kept dims up front, by the size model's rule: the rounding to multiples corrects
+    # the total over all layers, and `plan` predicts the same dims
+    kept = sizes.modegpt_dims(sizes.describe(config), sparsities, options.multiple)
     layers = []
     for index in range(config.num_hidden_layers):
         model.layers[index].to(device)
-        residuals, stats = compress_layer(model, index, residuals, calibration, sparsities[index], options)
+        residuals, stats = compress_layer(model, index, residuals, calibration, kept, options)
         layers.append({"sparsity": sparsities[index], **stats})
         model.layers[index].to("cpu")
         if progress is not None:
@@ -461,6 +461,7 @@ def modegpt_model(model: SlicedForCausalLM, input_ids: torch.Tensor, attention_m
         "achieved": 1.0 - block_parameters_total(model) / before,
         "temperature": options.temperature if math.isfinite(options.temperature) else "inf",
         "max_sparsity": options.max_sparsity, "damping": options.damping, "ridge": options.ridge,
+        "multiple": options.multiple,
         "block_influence": influence, "layers": layers,
         "calibration_windows": int(len(input_ids)), "calibration_seqlen": int(input_ids.shape[1]), **options.extra,
     }

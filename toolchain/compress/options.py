@@ -264,6 +264,10 @@ class ModegptOptions(RunOptions):
     damping: float = option(0.01, "Ridge of the least-squares solves, x the mean of the correlation diagonal",
                             cli=False)
     ridge: float = option(1.0, "λ of the ridge leverage scores, x the mean of the C_σ diagonal", cli=False)
+    # GPU attention/GEMM kernels want multiples of 8, and ORT's GroupQueryAttention one head size
+    multiple: int = option(8, "MoDeGPT: kept head dims and intermediate sizes are multiples of this, q/k and v "
+                           "heads one size, the total corrected to --compression (1: nearest dim, no correction)",
+                           flags=("--modegpt-multiple",), integer=True, interval=POSITIVE)
 
     def validate(self) -> None:
         check_options(self)
@@ -278,6 +282,7 @@ class CompressOptions(SlicingOptions):
                          "--quantize; --slice and --compression are then ignored)", choices=METHODS)
     slice: float = with_default(SlicingOptions, "slice", 0.3)
     compression: float = with_default(ModegptOptions, "compression", 0.25)
+    modegpt_multiple: int = with_default(ModegptOptions, "multiple", 8)
     target_ratio: float | None = option(None, "Fraction of the input's total (tied) parameters to keep, in {range}, "
                                         "e.g. 0.8; overrides --slice (1 or more needs --allow-larger)",
                                         interval=Interval(0.0, 1.5, low_open=True), cli_type=float,
@@ -323,4 +328,4 @@ class CompressOptions(SlicingOptions):
 
     def modegpt_options(self) -> ModegptOptions:
         # MoDeGPT runs in memory on the CPU, its own defaults otherwise
-        return ModegptOptions(compression=self.compression, batch_size=self.batch_size)
+        return ModegptOptions(compression=self.compression, multiple=self.modegpt_multiple, batch_size=self.batch_size)

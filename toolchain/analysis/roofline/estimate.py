@@ -61,12 +61,14 @@ def dense_layout(shape: sizes.Decoder) -> sizes.Decoder:
 
 
 def sliced_layout(shape: sizes.Decoder, fraction: float, slice_head: bool = False, tie: str = "slice",
-                  share: str = "none", method: str = "slicegpt", compression: float = 0.25) -> sizes.Decoder:
+                  share: str = "none", method: str = "slicegpt", compression: float = 0.25,
+                  modegpt_multiple: int = 8) -> sizes.Decoder:
     """The canonical model `toolchain slice` writes with these options (see sizes.planned)."""
     if shape.fused:
         raise InvalidOptionError(f"{shape.name} is already sliced; plan it with --slice 0 or slice the original model")
     return sizes.planned(shape, sizes.CompressionPlan(method=method, slice=fraction, slice_head=slice_head, tie=tie,
-                                                      share=share, compression=compression))
+                                                      share=share, compression=compression,
+                                                      modegpt_multiple=modegpt_multiple))
 
 
 def count_params(shape: sizes.Decoder, layout: sizes.Decoder | None = None) -> dict:
@@ -264,7 +266,7 @@ ASSUMPTIONS = [
 def plan(config: Any, slice: float = 0.3, gpus: str | Iterable[str] | None = "all", batch: int = 1,
          context: int = 4096, dtype: str = "fp16", slice_head: bool = False,
          efficiency: Efficiency | None = None, tie: str = "slice", share: str = "none",
-         method: str = "slicegpt", compression: float = 0.25) -> Plan:
+         method: str = "slicegpt", compression: float = 0.25, modegpt_multiple: int = 8) -> Plan:
     """Dense vs compressed memory fit and speed bounds on each GPU. The compressed variant is the model
     `toolchain slice` writes with the same options (defaults equal). For a canonical config (model_type
     sliced_decoder, already compressed), only the `sliced` variant is filled, as saved."""
@@ -279,7 +281,7 @@ def plan(config: Any, slice: float = 0.3, gpus: str | Iterable[str] | None = "al
         dense, sliced = None, make_variant("sliced", shape, dtype, batch, context)
     else:
         dense = make_variant("dense", shape, dtype, batch, context)
-        layout = sliced_layout(shape, slice, slice_head, tie, share, method, compression)
+        layout = sliced_layout(shape, slice, slice_head, tie, share, method, compression, modegpt_multiple)
         sliced = make_variant("sliced", layout, dtype, batch, context)
     rows = []
     for gpu in specs:

@@ -28,6 +28,7 @@ class PlanSizeOptions:
     method: str = _as_slice_declares("method")
     slice: float = _as_slice_declares("slice")
     compression: float = _as_slice_declares("compression")
+    modegpt_multiple: int = _as_slice_declares("modegpt_multiple")
     slice_head: bool = _as_slice_declares("slice_head")
     tie: str = _as_slice_declares("tie")
     share: str = _as_slice_declares("share")

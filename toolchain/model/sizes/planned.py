@@ -8,9 +8,10 @@ model keeps one table: sliced to V x d_0 with a d_L x d_0 head_proj (--tie slice
 D x d_0 embed_proj with a d_L x D head_proj (--tie project), or untied (--tie untie: V x d_0 table and
 V x d_L head).
 
-MoDeGPT (toolchain/compress/modegpt.py): layer l loses the fraction s_l of each inner dim, rounded as
-`kept_dim` rounds it. The compressor picks s_l from the block influence it measures on calibration data,
-so only the uniform allocation (every s_l = c) is known in advance: its block total matches the
+MoDeGPT (toolchain/compress/modegpt.py): layer l loses the fraction s_l of each inner dim, rounded to
+multiples of --modegpt-multiple with the total corrected as `sizes.modegpt` does it (the compressor
+calls the same function). The compressor picks s_l from the block influence it measures on calibration
+data, so only the uniform allocation (every s_l = c) is known in advance: its block total matches the
 compressor's to within per-layer rounding, and it is exact for given per-layer sparsities.
 """
 
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 
 from toolchain.core.errors import InvalidOptionError
 from toolchain.model.sizes.decoder import Decoder, canonical
+from toolchain.model.sizes.modegpt import kept_dim, modegpt_dims  # noqa: F401  (re-exported)
 
 TIE_MODES = ("slice", "project", "untie")
 SHARE_MODES = ("none", "layer", "all")
@@ -39,6 +41,7 @@ class CompressionPlan:
     compression: float = 0.25  # MoDeGPT: fraction of block parameters removed
     widths: tuple[int, ...] | None = None  # explicit residual widths instead of --slice
     layer_sparsity: tuple[float, ...] | None = None  # MoDeGPT per layer; None: every layer `compression`
+    modegpt_multiple: int = 8  # MoDeGPT: kept head dims and intermediate sizes are multiples of this
     round_to: int = ROUND_TO
 
     def check(self) -> None:
@@ -50,6 +53,9 @@ class CompressionPlan:
         if "modegpt" in self.method and not (isinstance(self.compression, (int, float))
                                              and 0.0 <= self.compression < 1.0):
             raise InvalidOptionError(f"--compression must be in [0, 1), got {self.compression!r}")
+        if isinstance(self.modegpt_multiple, bool) or not isinstance(self.modegpt_multiple, int) \
+                or self.modegpt_multiple < 1:
+            raise InvalidOptionError(f"--modegpt-multiple must be a positive integer, got {self.modegpt_multiple!r}")
 
 
 def check_slice(fraction: float) -> None:
@@ -105,24 +111,6 @@ def sliced(model: Decoder, widths: list[int], groups: list[int], project_table: 
         table_width=model.hidden_size if project else model.table_width)
 
 
-def kept_dim(current: int, sparsity: float, step: int = 1) -> int:
-    """Kept size of an inner dim losing `sparsity` of itself, in whole `step`s (RoPE pairs: 2)."""
-    return max(step, int(round((1.0 - sparsity) * current / step)) * step)
-
-
-def modegpt_dims(model: Decoder, sparsities: list[float]) -> Decoder:
-    """Per-layer q/k, v and MLP inner dims after MoDeGPT at these per-layer sparsities. A q/k head that
-    is all RoPE keeps whole pairs (step 2)."""
-    qk, v, inner = [], [], []
-    for layer, s in enumerate(sparsities):
-        dim = model.qk_head_dims[layer]
-        step = 2 if model.rotary_dim and model.rotary_dim == dim else 1
-        qk.append(min(dim, kept_dim(dim, s, step)))
-        v.append(min(model.v_head_dims[layer], kept_dim(model.v_head_dims[layer], s)))
-        inner.append(min(model.intermediate_sizes[layer], kept_dim(model.intermediate_sizes[layer], s)))
-    return model.replace(qk_head_dims=tuple(qk), v_head_dims=tuple(v), intermediate_sizes=tuple(inner))
-
-
 def planned(dense: Decoder, plan: CompressionPlan = CompressionPlan()) -> Decoder:
     """The canonical model `slice` writes for the dense model `dense` (an HF config's Decoder)."""
     plan.check()
@@ -141,7 +129,7 @@ def planned(dense: Decoder, plan: CompressionPlan = CompressionPlan()) -> Decode
         model = sliced(model, widths, groups, project_table=plan.tie == "project")
     if "modegpt" in plan.method:
         sparsities = list(plan.layer_sparsity or [plan.compression] * model.num_layers)
-        model = modegpt_dims(model, sparsities)
+        model = modegpt_dims(model, sparsities, plan.modegpt_multiple)
     return model.replace(compression={"method": plan.method, **({"slice": plan.slice} if "slicegpt" in plan.method
                                                                 else {}),
                                       "tie": plan.tie, "share": plan.share, "slice_head": plan.slice_head,

@@ -25,8 +25,8 @@ from torch import nn
 from toolchain.core.blockquant import BlockQuantized
 from toolchain.core.errors import InvalidOptionError
 from toolchain.model.modeling import attention_bias
-from toolchain.compress.gptq_solver import gptq_linear
-from toolchain.compress.hessian import HessianAccumulator, gram
+from toolchain.compress.gptq_solver import gptq_linear, inverse_cholesky
+from toolchain.compress.hessian import HessianAccumulator
 
 
 @dataclass
@@ -110,26 +110,28 @@ def dequantized(model, quantized: dict[str, BlockQuantized]):
 
 
 def stage_hessians(model, stage: Stage, names: list[str], states, batches) -> dict[str, torch.Tensor]:
-    """Input Hessians of `names` (linears of `stage`) over the calibration states; linears that read
-    the same tensor (q/k/v, gate/up) share one product."""
-    accumulators = {name: HessianAccumulator(model.get_submodule(name).in_features, states[0].device)
-                    for name in names}
+    """Input Hessians of `names` (linears of `stage`) over the calibration states. Linears that read
+    the same tensor (q/k/v, gate/up) share one accumulator, so they get one Hessian object (and the
+    caller can share its factorisation)."""
+    device = states[0].device
     if stage.run is None:
+        accumulator = HessianAccumulator(model.get_submodule(names[0]).in_features, device)
         for state, batch in zip(states, batches):
-            product = gram(state, batch.mask)
-            for accumulator in accumulators.values():
-                accumulator.add_product(*product)
-        return {name: acc.hessian() for name, acc in accumulators.items()}
-    current: dict = {"batch": None, "seen": []}
+            accumulator.add(state, batch.mask)
+        hessian = accumulator.hessian()
+        return {name: hessian for name in names}
+    owner: dict[str, HessianAccumulator] = {}  # linear → accumulator of the input it reads
+    current: dict = {"batch": None, "seen": []}  # this batch's (input tensor, accumulator) pairs
 
     def hook(name):
         def record(module, inputs, output):
             x = inputs[0]
-            shared = next((p for t, p in current["seen"] if t is x), None)
+            shared = next((acc for t, acc in current["seen"] if t is x), None)
             if shared is None:
-                shared = gram(x, current["batch"].mask)
+                shared = owner.get(name) or HessianAccumulator(x.shape[-1], device)
+                shared.add(x, current["batch"].mask)
                 current["seen"].append((x, shared))
-            accumulators[name].add_product(*shared)
+            owner.setdefault(name, shared)
         return record
 
     handles = [model.get_submodule(name).register_forward_hook(hook(name)) for name in names]
@@ -140,7 +142,8 @@ def stage_hessians(model, stage: Stage, names: list[str], states, batches) -> di
     finally:
         for handle in handles:
             handle.remove()
-    return {name: acc.hessian() for name, acc in accumulators.items()}
+    hessians = {id(acc): acc.hessian() for acc in owner.values()}
+    return {name: hessians[id(owner[name])] for name in names}
 
 
 @torch.no_grad()
@@ -169,9 +172,13 @@ def gptq_quantize(model, input_ids, attention_mask, block_size: int = 32, bits: 
             solved = {}
             if names:
                 hessians = stage_hessians(model, stage, names, states, batches)
+                factors: dict[int, torch.Tensor] = {}  # one factorisation per distinct input
                 for name in names:
+                    hessian = hessians.pop(name)
+                    if id(hessian) not in factors:
+                        factors[id(hessian)] = inverse_cholesky(hessian, damp)
                     weight = model.get_submodule(name).weight
-                    solved[name] = gptq_linear(weight, hessians.pop(name), block_size, bits, damp)
+                    solved[name] = gptq_linear(weight, hessian, block_size, bits, damp, factors[id(hessian)])
                 result.update(solved)
             if index < last:
                 with dequantized(model, solved):

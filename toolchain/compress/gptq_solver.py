@@ -63,13 +63,14 @@ def inverse_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor:
 
 
 def gptq_linear(weight: torch.Tensor, hessian: torch.Tensor, block_size: int = 32, bits: int = 4,
-                damp: float = 0.01) -> BlockQuantized:
-    """GPTQ codes of `weight` [N, K] (nn.Linear layout) given its input Hessian [K, K]."""
+                damp: float = 0.01, upper: torch.Tensor | None = None) -> BlockQuantized:
+    """GPTQ codes of `weight` [N, K] (nn.Linear layout) given its input Hessian [K, K]; `upper`, if
+    given, is inverse_cholesky(hessian, damp) already computed (linears that read one input share it)."""
     if weight.dim() != 2 or hessian.shape != (weight.shape[1], weight.shape[1]):
         raise ValueError(f"weight {tuple(weight.shape)} and Hessian {tuple(hessian.shape)} do not match")
     n, k = weight.shape
     w = weight.detach().to("cpu", torch.float32).clone()
-    u = inverse_cholesky(hessian.to("cpu"), damp).to(torch.float32)
+    u = (inverse_cholesky(hessian.to("cpu"), damp) if upper is None else upper.to("cpu")).to(torch.float32)
     blocks = -(-k // block_size)
     codes = np.zeros((n, k), np.uint8)
     scales = np.zeros((n, blocks), np.float32)
@@ -77,22 +78,23 @@ def gptq_linear(weight: torch.Tensor, hessian: torch.Tensor, block_size: int = 3
     lazy = max(1, LAZY_COLUMNS // block_size) * block_size
     for start in range(0, k, lazy):
         stop = min(start + lazy, k)
-        chunk = w[:, start:stop].clone()
-        errors = torch.zeros_like(chunk)
-        u_chunk = u[start:stop, start:stop]
+        # the column-by-column part runs in numpy: its many small rank-1 updates are single-threaded
+        # there, where a threaded runtime would spend more time synchronising than computing
+        chunk = w[:, start:stop].numpy().copy()
+        errors = np.zeros_like(chunk)
+        u_chunk = u[start:stop, start:stop].numpy()
         for j in range(stop - start):
             column = start + j
             if column % block_size == 0:
-                block = chunk[:, j:j + block_size].numpy()
                 block_index = column // block_size
+                block = chunk[:, j:j + block_size]
                 scales[:, block_index], zeros[:, block_index] = block_scale_zero(block.min(1), block.max(1), bits)
-            scale, zero = scales[:, block_index, None], zeros[:, block_index, None]
-            current = chunk[:, j].numpy()[:, None]
-            code = quantize_with(current, scale, zero, 1, bits)
+                scale, zero = scales[:, block_index, None], zeros[:, block_index, None]
+            code = quantize_with(chunk[:, j, None], scale, zero, 1, bits)
             codes[:, column] = code[:, 0]
-            dequantized = torch.from_numpy(BlockQuantized(code, scale, zero, 1, bits).dequantize()[:, 0])
+            dequantized = BlockQuantized(code, scale, zero, 1, bits).dequantize()[:, 0]
             err = (chunk[:, j] - dequantized) / u_chunk[j, j]
-            chunk[:, j:] -= err[:, None] * u_chunk[j, j:][None, :]
+            chunk[:, j:] -= np.outer(err, u_chunk[j, j:])
             errors[:, j] = err
-        w[:, stop:] -= errors @ u[start:stop, stop:]
+        w[:, stop:] -= torch.from_numpy(errors) @ u[start:stop, stop:]
     return BlockQuantized(codes, scales, zeros, block_size, bits)

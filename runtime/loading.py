@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from toolchain.core.build_dirs import model_dir
 from toolchain.core.errors import ArtifactError, ModelNotFoundError, ToolchainError
 from toolchain.model.modeling import SlicedForCausalLM
 
@@ -37,8 +38,8 @@ def to_canonical_model(model, source: str | None = None, keep_tie: bool = True) 
 
 
 def build_source(build: str | Path) -> tuple[str, bool]:
-    """(the model a build was compressed from, whether its head stayed tied), from sliced/."""
-    sliced = Path(build) / "sliced"
+    """(the model a build was compressed from, whether its head stayed tied), from its model dir."""
+    sliced = model_dir(build)
     report_path = sliced / "compression_report.json"
     report = json.loads(report_path.read_text()) if report_path.is_file() else {}
     options = report.get("options", {})

@@ -1,6 +1,7 @@
 """The `validate` stage: find the two artifacts, run the parity harness, write parity.{json,md}.
 
-A build dir holds `sliced/` (the torch model, the reference) and `onnx/` (the export, the candidate);
+A build dir holds its torch model (`sliced/`, or `recovered/` after recovery: toolchain.core.build_dirs),
+the reference, and `onnx/` (the export, the candidate);
 two explicit paths are taken as (reference, candidate), each a torch model dir or an ONNX file/dir.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from toolchain.core.build_dirs import model_dir
 from toolchain.core.errors import ArtifactError, InvalidOptionError, ModelNotFoundError
 from toolchain.core.reports import write_report
 
@@ -40,12 +42,13 @@ def resolve_pair(paths: list[str | Path]) -> tuple[Path, Path, Path | None]:
     if len(paths) != 1:
         raise InvalidOptionError(f"validate takes a build dir or two model paths (reference, candidate); got {len(paths)}")
     build = paths[0]
-    missing = [sub for sub in (BUILD_REFERENCE, BUILD_CANDIDATE) if not (build / sub).is_dir()]
+    reference = model_dir(build)
+    missing = [sub for sub in (reference.name, BUILD_CANDIDATE) if not (build / sub).is_dir()]
     if not build.is_dir() or missing:
         raise ArtifactError(f"{build} is not a build dir (missing {', '.join(missing) or 'everything'}: it needs "
                             f"{BUILD_REFERENCE}/ with the torch model and {BUILD_CANDIDATE}/ with the export); run "
                             "`toolchain build`, or pass two model paths")
-    return build / BUILD_REFERENCE, build / BUILD_CANDIDATE, build
+    return reference, build / BUILD_CANDIDATE, build
 
 
 def validate(paths: list[str | Path], dtype: str | None = None, provider: str = "cpu",

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import onnx
 
+from toolchain.core.build_dirs import model_dir
 from toolchain.core.errors import ArtifactError, InvalidOptionError
 from toolchain.core.fileio import atomic_dir, atomic_file, write_json
 from toolchain.core.iospec import GENAI_INPUT_NAMES, GENAI_OUTPUT_NAMES
@@ -180,7 +181,7 @@ def ensure_tokenizer(onnx_dir: Path, tokenizer, export_config: dict, required: b
                 AutoTokenizer.from_pretrained(str(tokenizer)).save_pretrained(str(onnx_dir))
     elif not _has_tokenizer(onnx_dir):
         source = Path(str(export_config.get("source_model") or "")).expanduser()
-        for candidate in (source, source / "sliced"):
+        for candidate in (source, model_dir(source)):
             if str(source) and candidate.is_dir() and _has_tokenizer(candidate):
                 copy_tokenizer_files(candidate, onnx_dir, overwrite=False)
                 break

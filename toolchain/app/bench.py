@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable
 
+from toolchain.core.build_dirs import model_dir
 from toolchain.core.errors import ArtifactError, ToolchainError
 
 from runtime.latency import (DEFAULT_BATCHES, DEFAULT_PROMPTS, BenchConfig, ModelCost, Progress, graph_weight_bytes,
@@ -70,7 +71,7 @@ def bench_build(build_dir: str | Path, out_dir: str | Path, provider: str = "cpu
                          repeats=repeats, context=context, max_prompt=max_prompt, threads=threads)
     config.validate()
     layout = _check_build(build, torch_only)
-    sliced_config = json.loads((build / "sliced" / "config.json").read_text())
+    sliced_config = json.loads((model_dir(build) / "config.json").read_text())
     max_positions = sliced_config.get("max_position_embeddings")
     data = new_report(str(build), provider, layout["dtype"], config)
     backends = _build_backends(build, layout, provider, dense, torch_only, threads, data["skipped"],
@@ -112,7 +113,7 @@ def bench_build(build_dir: str | Path, out_dir: str | Path, provider: str = "cpu
 
 
 def _check_build(build: Path, torch_only: bool) -> dict:
-    if not (build / "sliced" / "config.json").is_file():
+    if not (model_dir(build) / "config.json").is_file():
         raise ArtifactError(f"{build} is not a build dir (no sliced/config.json); pass a directory made by "
                             "`toolchain build`")
     onnx_dir = build / "onnx"
@@ -153,7 +154,7 @@ def _build_backends(build: Path, layout: dict, provider: str, dense: bool, torch
     holder: dict = {}
 
     def load_sliced():
-        model, _ = load_causal_lm(build / "sliced")
+        model, _ = load_causal_lm(model_dir(build))
         holder["sliced"] = model.to(device)
         return TorchSession(holder["sliced"], name=f"torch-{device}")
 
@@ -163,7 +164,7 @@ def _build_backends(build: Path, layout: dict, provider: str, dense: bool, torch
             if "sliced" in holder:
                 holder["sliced_cost"] = model_cost(holder["sliced"])
             else:
-                        holder["sliced_cost"] = model_cost(load_causal_lm(build / "sliced")[0])
+                        holder["sliced_cost"] = model_cost(load_causal_lm(model_dir(build))[0])
         return holder["sliced_cost"]
 
     backends = [Backend(f"torch-{device}", "sliced", "fp32", load_sliced, sliced_cost,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import sys
 
 # registration order is the order `toolchain --help` lists the commands in
-from toolchain.app.commands import compress, plan, evaluate, export, build, bench, deploy, doctor  # noqa: F401,I001
+from toolchain.app.commands import compress, recover, plan, evaluate, export, build, bench, deploy, doctor  # noqa: F401,I001,E501
 from toolchain.app.commands.common import app
 
 

@@ -1,4 +1,4 @@
-"""`toolchain build`: compress → export → (TensorRT bundle) → validate → (quantize) → (deploy) → bench
+"""`toolchain build`: compress → (recover) → export → (TensorRT bundle) → validate → (quantize) → (deploy) → bench
 → (eval), on one build dir.
 
 Each stage is a function `stage(build_dir, options, progress) -> None` writing one output dir
@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Callable
 
 from toolchain import __version__
-from toolchain.compress.options import CompressOptions
+from toolchain.compress.options import CompressOptions, RecoverOptions
+from toolchain.core.build_dirs import COMPRESSED, MODEL_DIRS, RECOVERED, model_dir
 from toolchain.core.errors import InvalidOptionError, OutputPathError, ToolchainError
 from toolchain.core.fileio import LOCK_FILE, exclusive_dir, sha256_file, write_json
 from toolchain.core.versions import library_versions
@@ -44,8 +45,8 @@ QUANTIZE_EVAL_WINDOWS = 4  # x --seqlen tokens of the calibration text's test sp
 
 
 @dataclass(kw_only=True)
-class BuildOptions(CompressOptions):
-    """The compress stage's options (declared in toolchain/compress/options.py) and the later stages'."""
+class BuildOptions(CompressOptions, RecoverOptions):
+    """The compress and recover stages' options (declared in toolchain/compress/options.py) and the later stages'."""
 
     target: str = "onnx"
     dtype: str = "fp32"  # ONNX precision (the TensorRT bundle is always fp16)
@@ -76,6 +77,8 @@ class BuildOptions(CompressOptions):
 
             provider_name(self.provider)  # a missing ORT provider fails now, not after compressing
         self.compress_options().validate()
+        if self.recover is not None:
+            self.recover_options().validate()
 
     def _validate_outputs(self) -> None:
         if self.quantize is not None:
@@ -121,10 +124,29 @@ def run_compress(build: Path, options: BuildOptions, progress=None) -> None:
     compress_to_dir(options.compress_options(), build / "sliced", overwrite=True, progress=progress)
 
 
+def run_recover(build: Path, options: BuildOptions, progress=None) -> str:
+    """Recovery training of the compressed model into recovered/ (resumes from its last checkpoint)."""
+    from toolchain.compress.recover import recover_to_dir
+
+    result = recover_to_dir(build / COMPRESSED, build / RECOVERED, options.recover_options(), device=options.device,
+                            overwrite=True, progress=progress)
+    r = result.report
+    return (f"{r['method']}: held-out ppl {r['eval_ppl_before']:.2f} -> {r['best']['eval_ppl']:.2f} "
+            f"(best step {r['best']['step']} of {r['steps']}, {r['tokens_seen']:,} tokens)")
+
+
+def drop_stale_recovery(build: Path, manifest: dict) -> None:
+    """A rerun without --recover: the build's model is sliced/ again, so recovered/ must go (later
+    stages find the model by whether recovered/ exists: toolchain.core.build_dirs)."""
+    manifest["stages"].pop("recover", None)
+    if (build / RECOVERED).exists():
+        shutil.rmtree(build / RECOVERED)
+
+
 def run_export(build: Path, options: BuildOptions, progress=None) -> None:
     from exporters.onnx import ExportOptions, export_onnx
 
-    export_onnx(build / "sliced", build / "onnx", ExportOptions(dtype=options.dtype, overwrite=True))
+    export_onnx(model_dir(build), build / "onnx", ExportOptions(dtype=options.dtype, overwrite=True))
 
 
 def run_trt_bundle(build: Path, options: BuildOptions, progress=None) -> str:
@@ -132,7 +154,7 @@ def run_trt_bundle(build: Path, options: BuildOptions, progress=None) -> str:
     GPU are present. Returns the one-line outcome for the user."""
     from exporters.tensorrt import build_engine_if_available, write_bundle
 
-    write_bundle(build / "sliced", build / "trt", overwrite=True)
+    write_bundle(model_dir(build), build / "trt", overwrite=True)
     return build_engine_if_available(build / "trt").message
 
 
@@ -196,7 +218,7 @@ def run_eval(build: Path, options: BuildOptions, progress=None) -> None:
     where = {"dataset": options.eval, "split": "test"}
     dense_ppl = perplexity(dense, tokenizer, windows, seqlen=512) | where
     del dense
-    compressed, _ = load_causal_lm(build / "sliced")
+    compressed, _ = load_causal_lm(model_dir(build))
     compressed_ppl = perplexity(compressed, tokenizer, windows, seqlen=512) | where
     out = build / "reports" / "eval"
     write_report(out, {"model": options.model, "perplexity": dense_ppl}, stem="dense")
@@ -223,18 +245,20 @@ def _quantize_key(o: BuildOptions) -> dict:
 
 STAGES = [
     Stage("compress", "sliced", run_compress, _compress_key),
-    Stage("export", "onnx", run_export, lambda o: {"dtype": o.dtype}, reads=("sliced",), targets=("onnx", "trt")),
-    Stage("trt_bundle", "trt", run_trt_bundle, lambda o: {}, reads=("sliced",), targets=("trt",)),
+    Stage("recover", RECOVERED, run_recover, lambda o: asdict(o.recover_options()) | {"device": o.device},
+          reads=(COMPRESSED,), enabled=lambda o: o.recover is not None),
+    Stage("export", "onnx", run_export, lambda o: {"dtype": o.dtype}, reads=MODEL_DIRS, targets=("onnx", "trt")),
+    Stage("trt_bundle", "trt", run_trt_bundle, lambda o: {}, reads=MODEL_DIRS, targets=("trt",)),
     Stage("validate", "reports/parity", run_validate, lambda o: {"dtype": o.dtype, "provider": o.provider},
-          reads=("sliced", "onnx"), targets=("onnx", "trt")),
+          reads=(*MODEL_DIRS, "onnx"), targets=("onnx", "trt")),
     Stage("quantize", "quantized", run_quantize,
           _quantize_key,
           reads=("onnx",), targets=("onnx",), enabled=lambda o: o.quantize is not None),
     Stage("deploy", "deploy", run_deploy, lambda o: {"deploy": o.deploy, "source": o.quantize or "onnx"},
           reads=("onnx", "quantized"), targets=("onnx", "trt"), enabled=lambda o: o.deploy is not None),
     Stage("bench", "reports/latency", run_bench, lambda o: {"provider": o.provider, "quantize": o.quantize},
-          reads=("sliced", "onnx", "quantized"), targets=("onnx", "trt"), enabled=lambda o: o.bench),
-    Stage("eval", "reports/eval", run_eval, lambda o: {"eval": o.eval}, reads=("sliced",),
+          reads=(*MODEL_DIRS, "onnx", "quantized"), targets=("onnx", "trt"), enabled=lambda o: o.bench),
+    Stage("eval", "reports/eval", run_eval, lambda o: {"eval": o.eval}, reads=MODEL_DIRS,
           enabled=lambda o: o.eval is not None),
 ]
 
@@ -318,6 +342,8 @@ def build(options: BuildOptions, out: str | Path, force: bool = False,
 def run_stages(build_dir: Path, options: BuildOptions, on_stage, progress) -> dict:
     manifest = read_manifest(build_dir)
     manifest.update(schema=SCHEMA, toolchain_version=__version__, options=asdict(options))
+    if options.recover is None:
+        drop_stale_recovery(build_dir, manifest)
     for stage in STAGES:
         if options.target not in stage.targets or not stage.enabled(options):
             continue

@@ -329,3 +329,83 @@ class CompressOptions(SlicingOptions):
     def modegpt_options(self) -> ModegptOptions:
         # MoDeGPT runs in memory on the CPU, its own defaults otherwise
         return ModegptOptions(compression=self.compression, multiple=self.modegpt_multiple, batch_size=self.batch_size)
+
+
+# --- recovery after compression (toolchain/compress/recover) ----------------------------------------
+
+RECOVER_METHODS = ("lora", "distill", "full-distill")
+RECOVER_SCHEDULES = ("linear", "cosine", "constant")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# besides the block projections, LoRA may also adapt these (never the token table: it is tied to the head)
+LORA_EXTRA_TARGETS = ("attn_shortcut", "mlp_shortcut", "embed_proj", "head_proj")
+
+
+def parse_targets(text: str | None) -> list[str] | None:
+    if not text:
+        return None
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def check_targets(targets) -> None:
+    allowed = LORA_TARGETS + LORA_EXTRA_TARGETS
+    unknown = [t for t in targets if t not in allowed]
+    if unknown or not targets:
+        raise InvalidOptionError(f"--recover-targets: unknown module name(s) {', '.join(unknown) or '(none)'}; "
+                                 f"choose among {', '.join(allowed)}")
+
+
+def check_recover_data(name) -> None:
+    from toolchain.data.text import check_source_name  # loads torch: only when validating
+
+    check_source_name(name)
+
+
+@dataclass(kw_only=True)
+class RecoverOptions:
+    """Recovery after compression (`toolchain recover`, the build's recover stage). Options left at
+    None take a device default: the SliceGPT paper's recipe on CUDA, a short budget on the CPU (see
+    toolchain/compress/recover/defaults.py)."""
+
+    recover: str | None = option(None, "Recover the compressed model: {choices} (LoRA on next-token loss | LoRA "
+                                 "distilled from the dense model | every weight distilled)", choices=RECOVER_METHODS)
+    recover_data: str = option("ptb", "Recovery training text (train split only): ptb | wikitext2 | alpaca | a "
+                               ".txt/.jsonl/.parquet file", check=check_recover_data)
+    recover_eval_data: str | None = option(None, "Held-out text for the periodic evaluation (default: the "
+                                           "validation split of --recover-data; must not overlap the training "
+                                           "text)", check=check_recover_data)
+    recover_steps: int | None = option(None, "Optimizer steps (default: 200 on CUDA, 60 on the CPU)", integer=True,
+                                       interval=POSITIVE, cli_type=int)
+    recover_seqlen: int | None = option(None, "Tokens per training window (default: 1024 on CUDA, 256 on the CPU)",
+                                        integer=True, interval=Interval(2), cli_type=int)
+    recover_batch: int | None = option(None, "Windows per micro-batch (default: 4)", integer=True,
+                                       interval=POSITIVE, cli_type=int)
+    recover_grad_accum: int | None = option(None, "Micro-batches per optimizer step (default: 4 on CUDA, 1 on the "
+                                            "CPU)", integer=True, interval=POSITIVE, cli_type=int)
+    recover_lr: float | None = option(None, "Peak learning rate, in {range} (default: 2e-4 on CUDA; on the CPU "
+                                      "1e-3 for LoRA, 1e-4 for full-distill)", interval=Interval(0.0, 1.0, low_open=True),
+                                      cli_type=float)
+    recover_schedule: str = option("linear", "Learning-rate schedule: {choices}", choices=RECOVER_SCHEDULES)
+    recover_eval_every: int | None = option(None, "Evaluate (and checkpoint) every N steps, keeping the best "
+                                            "(default: 16 on CUDA, 10 on the CPU)", integer=True, interval=POSITIVE,
+                                            cli_type=int)
+    recover_eval_windows: int | None = option(None, "Held-out windows per evaluation (default: 32 on CUDA, 4 on "
+                                              "the CPU)", integer=True, interval=POSITIVE, cli_type=int)
+    recover_rank: int = option(32, "LoRA rank", integer=True, interval=POSITIVE)
+    recover_alpha: float = option(10.0, "LoRA alpha (scale alpha/rank)", interval=Interval(0.0, low_open=True))
+    recover_dropout: float = option(0.05, "LoRA dropout, in {range}", interval=Interval(0.0, 1.0, high_open=True))
+    recover_targets: list[str] | None = option(None, "LoRA targets, comma-separated (default: q_proj,k_proj,v_proj,"
+                                               "o_proj,gate_proj,up_proj,down_proj, those the model has; may add "
+                                               "attn_shortcut,mlp_shortcut,embed_proj,head_proj)",
+                                               check=check_targets, cli_type=str, parse=parse_targets)
+    recover_ce_weight: float = option(0.0, "distill/full-distill: weight of next-token cross-entropy mixed with "
+                                      "the KL to the teacher, in {range}", interval=Interval(0.0, 1.0))
+    recover_seed: int = option(0, "Seed of the training windows, LoRA init and dropout")
+    recover_weight_decay: float = option(0.01, "AdamW weight decay", interval=Interval(0.0), cli=False)
+    recover_clip: float = option(1.0, "Gradient-norm clip", interval=Interval(0.0, low_open=True), cli=False)
+
+    def validate(self) -> None:
+        check_options(self)
+
+    def recover_options(self) -> "RecoverOptions":
+        """Just the recovery options (of a build's options, say)."""
+        return RecoverOptions(**{f.name: getattr(self, f.name) for f in fields(RecoverOptions)})

@@ -11,12 +11,14 @@ from rich.console import Console
 from toolchain.app.commands.common import (QUANT_ALGORITHM_OPTION, QUANT_COMPUTE_OPTION, app, console,
                                            print_parameter_table, stage_progress, user_errors)
 from toolchain.app.commands.schema import schema_options
-from toolchain.compress.options import CompressOptions
+from toolchain.compress.options import CompressOptions, RecoverOptions
+from toolchain.core.build_dirs import model_dir
 
 
 @app.command("build")
 @user_errors
 @schema_options(CompressOptions, into="values")
+@schema_options(RecoverOptions, into="recover_values")
 def build_command(
     out: Path = typer.Option(..., "--out", "-o", help="Build directory (created; an existing build resumes)"),
     target: str = typer.Option("onnx", help="torch | onnx | trt"),
@@ -36,6 +38,7 @@ def build_command(
     quiet: bool = typer.Option(False, "--quiet", help="No progress output"),
     json_log: bool = typer.Option(False, "--json", help="Machine-readable JSON log lines on stdout"),
     values: dict = None,  # the compression options, from the schema
+    recover_values: dict = None,  # the recovery options, from the schema
 ) -> None:
     """Compress, export, validate and benchmark in one resumable build directory."""
     import json
@@ -43,7 +46,7 @@ def build_command(
 
     from toolchain.app.pipeline import BuildOptions, build
 
-    options = BuildOptions(**values, target=target, dtype=dtype, provider=provider, bench=bench, eval=eval_,
+    options = BuildOptions(**values, **recover_values, target=target, dtype=dtype, provider=provider, bench=bench, eval=eval_,
                            quantize=quantize, block_size=block_size, quant_algorithm=quant_algorithm,
                            quant_compute=quant_compute, deploy=deploy)
 
@@ -79,7 +82,7 @@ def print_build_summary(build_dir: Path, manifest: dict) -> None:
     for name, record in manifest["stages"].items():
         if record.get("note"):
             Console().print(f"{name}: {record['note']}", highlight=False, soft_wrap=True)
-    report = build_dir / "sliced" / "compression_report.json"
+    report = model_dir(build_dir) / "compression_report.json"
     if report.exists():
         print_parameter_table("parameters", json.loads(report.read_text())["parameters"])
     parity = build_dir / "reports" / "parity" / "parity.json"

@@ -83,15 +83,17 @@ QUANT_COMPUTE_OPTION = typer.Option("int8", "--quant-compute", help="MatMulNBits
 
 @contextlib.contextmanager
 def stage_progress(label: str):
-    """A rich progress bar; yields a callback(done, total)."""
+    """A rich progress bar; yields a callback(done, total, note=None): the note (e.g. a training step's
+    loss and held-out perplexity) is shown beside the label."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True) as bar:
         task = bar.add_task(label, total=None)
 
-        def update(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
+        def update(done: int, total: int, note: str | None = None) -> None:
+            fields = {} if note is None else {"description": f"{label}: {note}"}
+            bar.update(task, completed=done, total=total, **fields)
 
         yield update
 

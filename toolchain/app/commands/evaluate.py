@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 
 from toolchain.app.commands.common import app, user_errors
+from toolchain.core.build_dirs import model_dir
 
 
 @app.command("eval")
@@ -47,7 +48,7 @@ def eval_command(
     if ppl is None and not tasks:
         ppl = "ptb"
     text = load_text(ppl, split) if ppl else None  # bad dataset names fail before the model loads
-    build_model = Path(model).expanduser() / "sliced"
+    build_model = model_dir(Path(model).expanduser())
     spec = str(build_model) if (build_model / "config.json").is_file() else model
     resolved = resolve_model(spec)
     hf_model, tokenizer = load_hf_model(resolved)

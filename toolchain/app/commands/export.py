@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 
 from toolchain.app.commands.common import app, user_errors
+from toolchain.core.build_dirs import model_dir
 from toolchain.core.errors import InvalidOptionError
 
 
@@ -34,7 +35,7 @@ def export_command(
 
     if target != "onnx":
         raise InvalidOptionError(f"--target {target!r} is not supported by `export`; use --target onnx")
-    build_model = Path(model).expanduser() / "sliced"
+    build_model = model_dir(Path(model).expanduser())
     source = str(build_model) if (build_model / "config.json").is_file() else model
     result = export_onnx(source, out, ExportOptions(dtype=dtype, optimize="none" if no_optimize else optimize,
                                                     external_data=external_data, exporter=exporter))

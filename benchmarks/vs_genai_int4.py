@@ -36,19 +36,21 @@ from ort_vs_genai import PROMPT, file_bytes, genai_build, timed_rounds  # noqa: 
 MODEL = "smollm2-135m"
 EVAL_WINDOWS, EVAL_SEQLEN = 8, 512
 CALIB = ["--calib", "ptb", "--nsamples", "16", "--seqlen", "256"]
-INT4 = ["--quantize", "int4", "--block-size", "32"]
-BEST_INT4 = [*INT4, "--quant-algorithm", "gptq", "--quantize-embeddings"]
+INT4 = ["--quantize", "int4", "--block-size", "32", "--quantize-embeddings"]
+GPTQ = [*INT4, "--quant-algorithm", "gptq"]
+HEAD4 = ["--residual-bits", "4"]  # head (one int4 table shared with the lookup), head_proj, shortcuts at 4 bits
 
 # name -> `toolchain build` arguments (after --model/--out); None = the peer's builder
 VARIANTS: dict[str, list[str] | None] = {
     "peer: genai builder int4 (dense)": None,
-    "ours: dense int4 RTN": ["--method", "none", *INT4, "--quant-algorithm", "minmax", "--quantize-embeddings"],
-    "ours: dense int4 GPTQ": ["--method", "none", *BEST_INT4],
-    "ours: dense + hadamard int4 GPTQ": ["--method", "none", "--rotate", "hadamard", *BEST_INT4],
-    "ours: dense + random rotation int4 GPTQ": ["--method", "none", "--rotate", "random", *BEST_INT4],
-    "ours: sliced 0.3 int4 GPTQ": ["--slice", "0.3", *BEST_INT4],
-    "ours: SliceGPT 'all' 80 % int4 GPTQ": ["--share", "all", "--target-ratio", "0.8", *BEST_INT4],
-    "ours: MoDeGPT 0.25 int4 GPTQ": ["--method", "modegpt", "--compression", "0.25", *BEST_INT4],
+    "ours: dense int4 RTN, head 4-bit": ["--method", "none", *INT4, "--quant-algorithm", "minmax", *HEAD4],
+    "ours: dense int4 GPTQ, head 4-bit": ["--method", "none", *GPTQ, *HEAD4],
+    "ours: dense int4 GPTQ, head 8-bit": ["--method", "none", *GPTQ],
+    "ours: dense + hadamard int4 GPTQ, head 4-bit": ["--method", "none", "--rotate", "hadamard", *GPTQ, *HEAD4],
+    "ours: dense + random rotation int4 GPTQ, head 4-bit": ["--method", "none", "--rotate", "random", *GPTQ, *HEAD4],
+    "ours: sliced 0.3 int4 GPTQ, head 8-bit": ["--slice", "0.3", *GPTQ],
+    "ours: SliceGPT 'all' 80 % int4 GPTQ, head 8-bit": ["--share", "all", "--target-ratio", "0.8", *GPTQ],
+    "ours: MoDeGPT 0.25 int4 GPTQ, head 8-bit": ["--method", "modegpt", "--compression", "0.25", *GPTQ],
 }
 PEER = "peer: genai builder int4 (dense)"
 
@@ -59,7 +61,7 @@ def _log(*args):
 
 def build_variant(work: Path, name: str, args: list[str]) -> Path:
     """`toolchain build` as a user runs it; an existing build resumes (and is skipped when current)."""
-    out = work / name.split(": ", 1)[1].replace(" ", "-").replace("'", "").replace("%", "pct")
+    out = work / name.split(": ", 1)[1].replace(" ", "-").replace("'", "").replace("%", "pct").replace(",", "")
     command = [str(Path(sys.executable).with_name("toolchain")), "build", "--model", MODEL, "--out", str(out),
                "--target", "onnx", "--no-bench", "--deploy", "genai", "--quiet", *CALIB, *args]
     _log("build", name)

@@ -109,6 +109,8 @@ def test_build_options_extend_the_compress_options_and_keep_the_stage_key():
         "model", "method", "slice", "compression", "widths", "rotation", "slice_head", "tie", "tie_basis", "share",
         "target_params", "target_ratio", "budget", "allow_larger", "calib", "nsamples", "seqlen", "seed", "device",
         "batch_size", "extra"}
+    modegpt = BuildOptions(model="m", target="torch", method="modegpt")
+    assert _compress_key(modegpt)["modegpt_multiple"] == 8  # MoDeGPT's rounding changes its output: in its key
 
 
 def test_build_passes_the_compression_options_through(monkeypatch, tmp_path):

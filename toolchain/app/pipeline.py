@@ -57,6 +57,8 @@ class BuildOptions(CompressOptions, RecoverOptions):
     block_size: int = 32  # int4/int8 block along K
     quant_algorithm: str = "minmax"  # int4 blocks: minmax | hqq
     quant_compute: str = "int8"  # MatMulNBits activations on CPU: int8 (fast) | fp32
+    quantize_embeddings: bool = False  # int4: the token table as 4-bit blocks (shared with a tied 4-bit head)
+    residual_bits: int = 8  # int4: bits of the head, head_proj and shortcuts
     deploy: str | None = None  # genai | triton: a package for that runtime under deploy/
 
     def validate(self) -> None:
@@ -98,7 +100,14 @@ class BuildOptions(CompressOptions, RecoverOptions):
         from exporters.quantize import QuantizeOptions, accuracy_level
 
         return QuantizeOptions(mode=self.quantize, block_size=self.block_size, algorithm=self.quant_algorithm,
-                               accuracy_level=accuracy_level(self.quant_compute), overwrite=True)
+                               accuracy_level=accuracy_level(self.quant_compute), embeddings=self.quantize_embeddings,
+                               residual_bits=self.residual_bits, overwrite=True)
+
+    def calibration(self, build: Path):
+        """GPTQ's canonical model (the one the build exported) and calibration windows."""
+        from exporters.gptq_weights import Calibration
+
+        return Calibration(model_dir(build), self.calib, self.nsamples, self.seqlen)
 
     def compress_options(self) -> CompressOptions:
         return CompressOptions(**{f.name: getattr(self, f.name) for f in fields(CompressOptions)})
@@ -173,9 +182,11 @@ def run_quantize(build: Path, options: BuildOptions, progress=None) -> str:
     calibration text's test split (a parity report, not a gate: rounding costs what it costs)."""
     from exporters.quantize import quantize_onnx
 
+    quantize = options.quantize_options()
     result = quantize_onnx(build / "onnx", build / "quantized", eval_text=options.calib,
-                           eval_windows=QUANTIZE_EVAL_WINDOWS, eval_seqlen=options.seqlen,
-                           options=options.quantize_options())
+                           eval_windows=QUANTIZE_EVAL_WINDOWS, eval_seqlen=options.seqlen, options=quantize,
+                           calibration=options.calibration(build) if quantize.algorithm == "gptq" else None,
+                           progress=progress)
     sizes, parity = result.report["sizes"], result.report["parity"]
     return (f"{options.quantize}: {sizes['quantized_bytes'] / 2**20:.1f} MB ({sizes['ratio']:.3f} x fp32), "
             f"top-1 agreement with fp32 {parity['top1']:.3f}, ppl {parity['ppl_fp32']:.2f} -> "
@@ -233,6 +244,8 @@ def _compress_key(o: BuildOptions) -> dict:
     if o.rotate == "none":  # not rotating writes what builds from before --rotate wrote: same key, they resume
         for name in ("rotate", "rotate_heads"):
             key.pop(name)
+    if "modegpt" not in o.method:  # the MoDeGPT rounding changes nothing SliceGPT writes
+        key.pop("modegpt_multiple")
     return key
 
 
@@ -240,6 +253,8 @@ def _quantize_key(o: BuildOptions) -> dict:
     # every quantizer setting, defaults included: a changed default must not pass for a current output
     key = asdict(o.quantize_options()) | {"calib": o.calib}
     key.pop("overwrite")
+    if o.quant_algorithm == "gptq":  # GPTQ's codes depend on its calibration windows
+        key |= {"nsamples": o.nsamples, "seqlen": o.seqlen}
     return key
 
 
@@ -252,8 +267,8 @@ STAGES = [
     Stage("validate", "reports/parity", run_validate, lambda o: {"dtype": o.dtype, "provider": o.provider},
           reads=(*MODEL_DIRS, "onnx"), targets=("onnx", "trt")),
     Stage("quantize", "quantized", run_quantize,
-          _quantize_key,
-          reads=("onnx",), targets=("onnx",), enabled=lambda o: o.quantize is not None),
+          _quantize_key,  # reads the torch model too: GPTQ calibrates the model the export came from
+          reads=(*MODEL_DIRS, "onnx"), targets=("onnx",), enabled=lambda o: o.quantize is not None),
     Stage("deploy", "deploy", run_deploy, lambda o: {"deploy": o.deploy, "source": o.quantize or "onnx"},
           reads=("onnx", "quantized"), targets=("onnx", "trt"), enabled=lambda o: o.deploy is not None),
     Stage("bench", "reports/latency", run_bench, lambda o: {"provider": o.provider, "quantize": o.quantize},

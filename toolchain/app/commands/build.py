@@ -8,7 +8,8 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from toolchain.app.commands.common import (QUANT_ALGORITHM_OPTION, QUANT_COMPUTE_OPTION, app, console,
+from toolchain.app.commands.common import (QUANT_ALGORITHM_OPTION, QUANT_COMPUTE_OPTION, QUANTIZE_EMBEDDINGS_OPTION,
+                                           RESIDUAL_BITS_OPTION, app, console,
                                            print_parameter_table, stage_progress, user_errors)
 from toolchain.app.commands.schema import schema_options
 from toolchain.compress.options import CompressOptions, RecoverOptions
@@ -32,6 +33,8 @@ def build_command(
     block_size: int = typer.Option(32, "--block-size", help="--quantize: weights per quantization block"),
     quant_algorithm: str = QUANT_ALGORITHM_OPTION,
     quant_compute: str = QUANT_COMPUTE_OPTION,
+    quantize_embeddings: bool = QUANTIZE_EMBEDDINGS_OPTION,
+    residual_bits: int = RESIDUAL_BITS_OPTION,
     deploy: Optional[str] = typer.Option(None, "--deploy", help="genai | triton: package the (quantized) export "
                                                                  "under deploy/ for onnxruntime-genai or Triton"),
     force: bool = typer.Option(False, "--force", help="Redo every stage"),
@@ -48,7 +51,8 @@ def build_command(
 
     options = BuildOptions(**values, **recover_values, target=target, dtype=dtype, provider=provider, bench=bench, eval=eval_,
                            quantize=quantize, block_size=block_size, quant_algorithm=quant_algorithm,
-                           quant_compute=quant_compute, deploy=deploy)
+                           quant_compute=quant_compute, quantize_embeddings=quantize_embeddings,
+                           residual_bits=residual_bits, deploy=deploy)
 
     def on_stage(name: str, event: str) -> None:
         if json_log:

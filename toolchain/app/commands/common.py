@@ -76,7 +76,13 @@ def print_parameter_table(title: str, summary: dict) -> None:
 
 # weight-only quantization, shared by `build` and `deploy`
 QUANT_ALGORITHM_OPTION = typer.Option("minmax", "--quant-algorithm", help="int4 blocks: minmax (fast) | hqq "
-                                      "(optimised scales, slower to quantize)")
+                                      "(optimised scales, slower to quantize) | gptq (calibrated on --calib; needs "
+                                      "the build's canonical model)")
+QUANTIZE_EMBEDDINGS_OPTION = typer.Option(False, "--quantize-embeddings/--no-quantize-embeddings",
+                                          help="int4: store the token table as 4-bit blocks (GatherBlockQuantized), "
+                                               "one table with a tied 4-bit head")
+RESIDUAL_BITS_OPTION = typer.Option(8, "--residual-bits", help="int4: bits of the head, head_proj and shortcuts "
+                                    "(the MatMuls that read the residual stream): 4 | 8")
 QUANT_COMPUTE_OPTION = typer.Option("int8", "--quant-compute", help="MatMulNBits activations on CPU: int8 (ORT's "
                                     "fast kernel, accuracy_level 4) | fp32 (closer to fp32 outputs, much slower)")
 

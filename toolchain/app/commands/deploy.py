@@ -9,8 +9,8 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from toolchain.app.commands.common import (QUANT_ALGORITHM_OPTION, QUANT_COMPUTE_OPTION,
-                                           app, user_errors)
+from toolchain.app.commands.common import (QUANT_ALGORITHM_OPTION, QUANT_COMPUTE_OPTION, QUANTIZE_EMBEDDINGS_OPTION,
+                                           RESIDUAL_BITS_OPTION, app, user_errors)
 from toolchain.core.errors import InvalidOptionError
 
 
@@ -30,6 +30,8 @@ def deploy_command(
     block_size: int = typer.Option(32, "--block-size", help="int4: weights per quantization block."),
     quant_algorithm: str = QUANT_ALGORITHM_OPTION,
     quant_compute: str = QUANT_COMPUTE_OPTION,
+    quantize_embeddings: bool = QUANTIZE_EMBEDDINGS_OPTION,
+    residual_bits: int = RESIDUAL_BITS_OPTION,
     name: Optional[str] = typer.Option(None, "--name", help="Triton model name (default: llm)."),
     max_batch: int = typer.Option(8, "--max-batch", help="Triton max_batch_size (dynamic batching up to it)."),
     tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="genai: tokenizer dir or hub id when the "
@@ -49,6 +51,9 @@ def deploy_command(
         raise InvalidOptionError("--quantize produces an ONNX graph for onnxruntime; the TensorRT backend serves the "
                                  "bundle's engine (drop --quantize or use --backend onnxruntime)")
     source = source.expanduser()
+    calibration = None
+    if quantize is not None and quant_algorithm == "gptq":
+        calibration = _build_calibration(source)
     if backend == "tensorrt" and (source / "trt").is_dir():
         source = source / "trt"
     elif (source / "onnx" / "export_config.json").is_file():
@@ -59,9 +64,10 @@ def deploy_command(
             from exporters.quantize import QuantizeOptions, accuracy_level, quantize_onnx
 
             scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=".deploy-", dir=_existing_parent(out))))
-            result = quantize_onnx(source, scratch / "quantized", options=QuantizeOptions(
+            result = quantize_onnx(source, scratch / "quantized", calibration=calibration, options=QuantizeOptions(
                 mode=quantize, block_size=block_size, algorithm=quant_algorithm,
-                accuracy_level=accuracy_level(quant_compute)))
+                accuracy_level=accuracy_level(quant_compute), embeddings=quantize_embeddings,
+                residual_bits=residual_bits))
             sizes, parity = result.report["sizes"], result.report["parity"]
             printer.print(f"quantized {quantize}: {sizes['quantized_bytes'] / 2**20:.1f} MB ({sizes['ratio']:.2f} x fp32), "
                           f"top-1 agreement with fp32 {parity['top1']:.3f}", highlight=False)
@@ -88,3 +94,21 @@ def _existing_parent(path: Path) -> str:
     parent = path.expanduser().absolute().parent
     parent.mkdir(parents=True, exist_ok=True)
     return str(parent)
+
+
+def _build_calibration(source: Path):
+    """GPTQ's canonical model and calibration text: a build dir's sliced/ and the build's --calib
+    settings (an export dir holds only the ONNX graph)."""
+    import json
+
+    from exporters.gptq_weights import Calibration
+    from toolchain.core.build_dirs import model_dir
+
+    if not (model_dir(source) / "config.json").is_file():
+        raise InvalidOptionError(f"--quant-algorithm gptq calibrates the canonical model, which {source} does not hold; "
+                                 "pass a build dir (with sliced/), or use --quant-algorithm minmax|hqq")
+    manifest = source / "manifest.json"
+    options = json.loads(manifest.read_text()).get("options", {}) if manifest.is_file() else {}
+    defaults = Calibration(model_dir(source))
+    return Calibration(model_dir(source), options.get("calib", defaults.text), options.get("nsamples", defaults.nsamples),
+                       options.get("seqlen", defaults.seqlen))

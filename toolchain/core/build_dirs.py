@@ -20,4 +20,5 @@ def model_dir(build: str | Path) -> Path:
     recovered = build / RECOVERED
     return recovered if (recovered / "config.json").is_file() else build / COMPRESSED
 
+
 MODEL_DIRS = (COMPRESSED, RECOVERED)  # what a stage reading the build's model depends on

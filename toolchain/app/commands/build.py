@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from toolchain.app.commands.common import (QUANT_ALGORITHM_OPTION, QUANT_COMPUTE_OPTION, QUANTIZE_EMBEDDINGS_OPTION,
+from toolchain.app.commands.common import (BLOCK_SIZE_OPTION, QUANT_ALGORITHM_OPTION, QUANT_COMPUTE_OPTION, QUANTIZE_EMBEDDINGS_OPTION,
                                            RESIDUAL_BITS_OPTION, app, console,
                                            print_parameter_table, stage_progress, user_errors)
 from toolchain.app.commands.schema import schema_options
@@ -30,7 +30,7 @@ def build_command(
     quantize: Optional[str] = typer.Option(None, "--quantize", help="int4 | int8: weight-only quantize the fp32 "
                                                                      "ONNX export into quantized/ (onnxruntime's "
                                                                      "MatMulNBits), with parity vs fp32"),
-    block_size: int = typer.Option(32, "--block-size", help="--quantize: weights per quantization block"),
+    block_size: int = BLOCK_SIZE_OPTION,
     quant_algorithm: str = QUANT_ALGORITHM_OPTION,
     quant_compute: str = QUANT_COMPUTE_OPTION,
     quantize_embeddings: bool = QUANTIZE_EMBEDDINGS_OPTION,

@@ -75,6 +75,8 @@ def print_parameter_table(title: str, summary: dict) -> None:
 
 
 # weight-only quantization, shared by `build` and `deploy`
+BLOCK_SIZE_OPTION = typer.Option(32, "--block-size", help="--quantize: weights per quantization block along K, "
+                                 "a power of 2 ≥ 16")
 QUANT_ALGORITHM_OPTION = typer.Option("minmax", "--quant-algorithm", help="int4 blocks: minmax (fast) | hqq "
                                       "(optimised scales, slower to quantize) | gptq (calibrated on --calib; needs "
                                       "the build's canonical model)")

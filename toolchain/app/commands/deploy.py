@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from toolchain.app.commands.common import (QUANT_ALGORITHM_OPTION, QUANT_COMPUTE_OPTION, QUANTIZE_EMBEDDINGS_OPTION,
+from toolchain.app.commands.common import (BLOCK_SIZE_OPTION, QUANT_ALGORITHM_OPTION, QUANT_COMPUTE_OPTION, QUANTIZE_EMBEDDINGS_OPTION,
                                            RESIDUAL_BITS_OPTION, app, user_errors)
 from toolchain.core.errors import InvalidOptionError
 
@@ -27,7 +27,7 @@ def deploy_command(
                                                                  "TensorRT bundle with engine/model.plan)."),
     quantize: Optional[str] = typer.Option(None, "--quantize", help="int4 | int8: weight-only quantize the fp32 "
                                                                      "export first (onnxruntime's quantizers)."),
-    block_size: int = typer.Option(32, "--block-size", help="int4: weights per quantization block."),
+    block_size: int = BLOCK_SIZE_OPTION,
     quant_algorithm: str = QUANT_ALGORITHM_OPTION,
     quant_compute: str = QUANT_COMPUTE_OPTION,
     quantize_embeddings: bool = QUANTIZE_EMBEDDINGS_OPTION,

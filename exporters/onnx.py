@@ -2,11 +2,12 @@
 
 Graphs (`ExportOptions.optimize`):
   fast   (default) the model emitted directly as ORT's fused contrib ops — GroupQueryAttention,
-         RotaryEmbedding, (Skip)SimplifiedLayerNormalization, packed MatMuls (exporters/ort_fusion.py) —
-         then checked against torch (batch 2, left padding, prefill + decode) before it is kept. Models
-         or dtypes it cannot express exactly (fp16, q/k ≠ v or non-multiple-of-8 head dims as MoDeGPT
-         leaves them with --modegpt-multiple 1, sliding windows) fall back to
-         `basic`, with the reason in export_report.json and the log.
+         RotaryEmbedding, (Skip)SimplifiedLayerNormalization, packed MatMuls (exporters/ort_fusion.py),
+         in fp32 or fp16 — then checked against torch (batch 2, left padding, prefill + decode) at that
+         dtype's parity bar before it is kept. Models it cannot express exactly (q/k ≠ v or
+         non-multiple-of-8 head dims as MoDeGPT leaves them with --modegpt-multiple 1, sliding windows),
+         and graphs ORT cannot load or that miss the bar, fall back to `basic`, with the reason in
+         export_report.json and the log.
   basic  torch.onnx.export(dynamo=True) → check → ORT transformer optimizer (fuses the norms only)
          → [fp16 with fp32 islands] → check. Standard ops plus ORT's norm ops.
   none   the traced graph with standard ONNX ops only (what TensorRT and other runtimes parse).
@@ -32,7 +33,7 @@ from torch import nn
 
 from runtime.loading import load_causal_lm, to_canonical_model
 from toolchain import __version__
-from toolchain.core.errors import InvalidOptionError
+from toolchain.core.errors import InvalidOptionError, first_line
 from toolchain.core.fileio import atomic_dir, sha256_file, write_json
 from toolchain.core.iospec import DIM_DESCRIPTIONS, PAST_PREFIX, dynamic_axes, input_names, kv_head_dims, output_names
 from toolchain.core.tokenizer_files import copy_tokenizer_files
@@ -55,10 +56,10 @@ VERIFY_MAX_BYTES = 4 * 2**30
 
 @dataclass
 class ExportOptions:
-    dtype: str = "fp32"  # fp32 | fp16 (norms, RoPE angles, softmax and logits stay fp32)
+    dtype: str = "fp32"  # fp32 | fp16 (logits fp32; norms and softmax accumulate in fp32)
     # fast | basic | none (module doc); True = fast, False = none. fast and basic use ORT contrib ops.
     optimize: bool | str = True
-    verify: bool = True  # fast: compare with torch before keeping the graph (fall back to basic if off the bar)
+    verify: bool = True  # fast: compare with torch before keeping the graph (fall back to basic if off the dtype's bar)
     external_data: bool = False  # always write weights to model.onnx.data (automatic past ~1.8 GB)
     opset: int = 20
     exporter: str = "dynamo"  # "torchscript": the legacy exporter, a fallback if dynamo fails
@@ -98,19 +99,10 @@ def export_onnx(source: str | Path | nn.Module, out: str | Path, options: Export
         if graph_kind == "fast":
             current = stages / "fast.onnx"
             start = time.perf_counter()
-            onnx_graph.save(ort_fusion.build_fast_graph(model, options.opset), current, external)
+            onnx_graph.save(ort_fusion.build_fast_graph(model, options.opset, options.dtype), current, external)
             timings["fast_graph_s"] = time.perf_counter() - start
-            checks["fast"] = onnx_graph.check(current)
-            if options.verify and weight_bytes > VERIFY_MAX_BYTES:
-                verification = {"passed": None, "skipped": f"weights of {weight_bytes / 2**30:.1f} GB: torch and ORT "
-                                "copies side by side would not fit comfortably; run `toolchain validate`"}
-            elif options.verify:
-                start = time.perf_counter()
-                verification = verify_graph(model, current)
-                timings["verify_s"] = time.perf_counter() - start
-                if not verification["passed"]:
-                    graph_kind = "basic"
-                    fallback = f"the fast graph missed the fp32 parity bar ({verification['summary']})"
+            fallback, verification = _keep_fast(model, current, options, weight_bytes, checks, timings)
+            graph_kind = "fast" if fallback is None else "basic"
             if graph_kind == "fast":
                 counts["fast"] = onnx_graph.op_counts(onnx_graph.load_graph(current))
         if fallback is not None:
@@ -133,7 +125,7 @@ def export_onnx(source: str | Path | nn.Module, out: str | Path, options: Export
             timings["ort_fusion_s"] = time.perf_counter() - start
             current = stages / "fused.onnx"
             counts["fused"] = onnx_graph.op_counts(graph)
-        if options.dtype == "fp16":
+        if options.dtype == "fp16" and graph_kind != "fast":  # the fast graph is emitted in fp16 directly
             start = time.perf_counter()
             graph = onnx_graph.to_fp16(current, stages / "fp16.onnx", external)
             timings["fp16_s"] = time.perf_counter() - start
@@ -158,6 +150,26 @@ def export_onnx(source: str | Path | nn.Module, out: str | Path, options: Export
     return ExportResult(out, out / MODEL_FILE, export_config, report)
 
 
+def _keep_fast(model: SlicedForCausalLM, path: Path, options: ExportOptions, weight_bytes: int, checks: dict,
+               timings: dict) -> tuple[str | None, dict | None]:
+    """(why the fast graph at `path` is not kept, or None; its parity against torch)."""
+    try:
+        checks["fast"] = onnx_graph.check(path)
+    except Exception as err:  # noqa: BLE001  (e.g. a provider without a kernel for an op at this dtype)
+        return f"onnxruntime cannot load the {options.dtype} fast graph ({first_line(err)[:300]})", None
+    if not options.verify:
+        return None, None
+    if weight_bytes > VERIFY_MAX_BYTES:
+        return None, {"passed": None, "skipped": f"weights of {weight_bytes / 2**30:.1f} GB: torch and ORT copies "
+                      "side by side would not fit comfortably; run `toolchain validate`"}
+    start = time.perf_counter()
+    verification = verify_graph(model, path, options.dtype)
+    timings["verify_s"] = time.perf_counter() - start
+    if not verification["passed"]:
+        return f"the fast graph missed the {options.dtype} parity bar ({verification['summary']})", verification
+    return None, verification
+
+
 def graph_option(options: ExportOptions) -> str:
     """ExportOptions.optimize as one of GRAPHS (True = fast, False = none)."""
     if isinstance(options.optimize, bool):
@@ -170,27 +182,31 @@ def choose_graph(config, options: ExportOptions) -> tuple[str, str | None]:
     kind = graph_option(options)
     if kind != "fast":
         return kind, None
-    if options.dtype != "fp32":
-        return "basic", f"the fast graph is fp32 only ({options.dtype} uses the traced graph with fp32 islands)"
     if (reason := ort_fusion.unsupported_reason(config)) is not None:
         return "basic", reason
     return "fast", None
 
 
-def verify_graph(model: SlicedForCausalLM, path: Path) -> dict:
-    """The fast graph against torch at the fp32 parity bar: batch 2 with a left-padded row, prefill +
-    3 decode steps (runtime/parity.py). Returns the summary and pass/fail."""
+def verify_graph(model: SlicedForCausalLM, path: Path, dtype: str = "fp32") -> dict:
+    """The fast graph against the fp32 torch model at `dtype`'s parity bar: batch 2 with a left-padded
+    row, prefill + 3 decode steps (runtime/parity.py). Returns the summary and pass/fail."""
     from runtime.parity import check_parity
     from runtime.sessions import OrtSession, TorchSession
 
     try:
-        report = check_parity(TorchSession(model), OrtSession(path), "fp32", vocab_size=model.config.vocab_size)
+        report = check_parity(TorchSession(model), OrtSession(path), dtype, vocab_size=model.config.vocab_size)
     except Exception as err:  # noqa: BLE001  (an ORT kernel refusing a shape: fall back, never fail the export)
         return {"passed": False, "summary": f"onnxruntime failed to run it: {str(err).strip().splitlines()[-1][:300]}"}
     logits = report["summary"]["logits"]
-    return {"passed": report["passed"], "inputs": report["inputs"],
-            "summary": {"logits_max_abs": logits["max_abs"], "top1": logits["top1"],
-                        "limit": next(c["limit"] for c in report["checks"] if "max abs" in c["check"])}}
+    summary = {"logits_max_abs": logits["max_abs"], "top1": logits["top1"]}
+    for check in report["checks"]:
+        if "max abs" in check["check"]:
+            summary["limit"] = check["limit"]
+        elif "top-1" in check["check"]:
+            summary.update(top1_with_ties=check["value"], top1_min=check["limit"])
+        elif "cosine" in check["check"]:
+            summary.update(cosine=check["value"], cosine_min=check["limit"])
+    return {"passed": report["passed"], "dtype": dtype, "inputs": report["inputs"], "summary": summary}
 
 
 def expected_norm_count(config) -> int:

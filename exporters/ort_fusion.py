@@ -19,6 +19,9 @@ and it is the same route onnxruntime-genai's model builder takes. What each bloc
   head          SkipSimplifiedLayerNormalization → head_proj / lm_head MatMul (the tied table is
                 also stored transposed, so int4 quantization reaches the head).
 
+fp32 or fp16 (`build_fast_graph(dtype=)`): in fp16 every tensor but the logits is fp16, and the export
+keeps it only after the fp16 parity check against the fp32 torch model.
+
 The I/O contract is the traced graph's (optimum/genai names, concatenating KV cache, left padding
 and batch > 1 supported): seqlens_k is total−1 for every row and the padding lives in the additive
 attention bias, so GroupQueryAttention computes exactly the canonical model's masked attention.
@@ -59,6 +62,10 @@ ACTIVATIONS = {
     "gelu_pytorch_tanh": ("FastGelu", MS, {}),
     "relu": ("Relu", "", {}),
 }
+FLOAT_TYPES = {"fp32": (np.float32, TensorProto.FLOAT), "fp16": (np.float16, TensorProto.FLOAT16)}
+# The additive padding bias. fp16: half of fp16's lowest value, so bias + score cannot overflow to
+# -inf (a row of only padded keys, as at a left-padded query, would then softmax to NaN).
+MASK_MIN = {"fp32": float(np.finfo(np.float32).min), "fp16": float(np.finfo(np.float16).min) / 2}
 FUSED_OPS = ("GroupQueryAttention", "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization")
 
 
@@ -91,19 +98,26 @@ def expected_counts(config) -> dict[str, int]:
 
 class _Builder:
     """Nodes and initializers in emission order; every node gets a unique name and, for weight
-    MatMuls, the torch module it comes from (quantize.py keeps residual readers at 8 bits by it)."""
+    MatMuls, the torch module it comes from (quantize.py keeps residual readers at 8 bits by it).
+    Every floating constant is stored in the graph's float type (`float_type`)."""
 
-    def __init__(self):
+    def __init__(self, float_type=np.float32):
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self._names: Counter = Counter()
+        self.float_type = np.dtype(float_type)
 
     def unique(self, base: str) -> str:
         self._names[base] += 1
         return base if self._names[base] == 1 else f"{base}_{self._names[base] - 1}"
 
     def const(self, name: str, value) -> str:
-        array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+        if isinstance(value, torch.Tensor):
+            value = value.detach().cpu()
+            value = value.float() if value.is_floating_point() else value  # numpy has no bfloat16
+        array = value.numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+        if np.issubdtype(array.dtype, np.floating):
+            array = array.astype(self.float_type)
         name = self.unique(name)
         self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
         return name
@@ -135,17 +149,28 @@ def _value(name: str, elem: int, shape: list) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(name, elem, shape)
 
 
-def build_fast_graph(model: SlicedForCausalLM, opset: int = 20) -> onnx.ModelProto:
-    """The fused fp32 graph of `model` (weights inline; the caller decides on external data)."""
+def build_fast_graph(model: SlicedForCausalLM, opset: int = 20, dtype: str = "fp32") -> onnx.ModelProto:
+    """The fused graph of `model` in `dtype` (weights inline; the caller decides on external data).
+
+    fp16: weights, activations and the KV cache are fp16, logits fp32. The first norm accumulates in
+    fp32 (stash_type 1); SkipSimplifiedLayerNormalization and GroupQueryAttention have no such
+    attribute, but their fp16 kernels widen to fp32 for the mean of squares and for QKᵀ, softmax and
+    PV (ORT's CPU kernels convert each row or head to fp32; the CUDA ones accumulate in fp32). RoPE
+    angles are computed here in fp32 (position × frequency needs more than fp16's 11 bits), only the
+    cos/sin values are stored in fp16.
+    """
     config = model.config
+    if dtype not in FLOAT_TYPES:
+        raise ValueError(f"dtype {dtype!r}: the fast graph is emitted in {' or '.join(FLOAT_TYPES)}")
     if (reason := unsupported_reason(config)) is not None:
         raise ValueError(f"the fast ORT graph cannot express this model: {reason}")
     with torch.no_grad():
-        return _build(model.eval(), config, opset)
+        return _build(model.eval(), config, opset, dtype)
 
 
-def _build(model: SlicedForCausalLM, config, opset: int) -> onnx.ModelProto:
-    b = _Builder()
+def _build(model: SlicedForCausalLM, config, opset: int, dtype: str) -> onnx.ModelProto:
+    b = _Builder(FLOAT_TYPES[dtype][0])
+    elem = FLOAT_TYPES[dtype][1]
     layers = config.num_hidden_layers
     ids, mask, positions = INPUT_IDS, ATTENTION_MASK, POSITION_IDS
 
@@ -158,8 +183,8 @@ def _build(model: SlicedForCausalLM, config, opset: int) -> onnx.ModelProto:
     # every row sees the whole (past + new) window; padding is masked by the bias below
     seqlens_k = b.op("Expand", [last, batch], name="seqlens_k")[0]
     keep = b.op("Cast", [mask], name="mask_bool", to=TensorProto.BOOL)[0]
-    bias2d = b.op("Where", [keep, b.const("zero_f32", np.array(0.0, np.float32)),
-                            b.const("mask_min", np.array(np.finfo(np.float32).min, np.float32))], name="mask_bias")[0]
+    bias2d = b.op("Where", [keep, b.const("zero_f32", np.array(0.0)), b.const("mask_min", np.array(MASK_MIN[dtype]))],
+                  name="mask_bias")[0]
     bias4d = b.op("Unsqueeze", [bias2d, b.const("bias_axes", np.array([1, 2], np.int64))], name="mask_bias_4d")[0]
     # GroupQueryAttention wants the bias as (batch, 1, sequence, total): no broadcasting over queries
     bias_shape = b.op("Concat", [batch, b.const("one_i64_1d", np.array([1], np.int64)),
@@ -266,16 +291,20 @@ def _build(model: SlicedForCausalLM, config, opset: int) -> onnx.ModelProto:
     h, _ = norm(model.norm, "norm")
     if model.head_proj is not None:
         h = b.linear(h, model.head_proj, "head_proj")
-    b.op("Identity", [b.linear(h, model.lm_head, "lm_head")], outputs=[LOGITS], name="logits")
+    logits = b.linear(h, model.lm_head, "lm_head")
+    if elem == TensorProto.FLOAT:
+        b.op("Identity", [logits], outputs=[LOGITS], name="logits")
+    else:  # logits leave in fp32, as the traced fp16 graph's do
+        b.op("Cast", [logits], outputs=[LOGITS], name="logits", to=TensorProto.FLOAT)
 
     # --- I/O -------------------------------------------------------------------------------------
     names_in, names_out = input_names(layers), output_names(layers)
     dims = kv_head_dims(config)
     in_shapes, out_shapes = io_shapes(config.num_key_value_heads, [k for k, _ in dims], [v for _, v in dims],
                                       config.vocab_size)
-    inputs = [_value(n, TensorProto.INT64 if n in (ids, mask, positions) else TensorProto.FLOAT, shape)
+    inputs = [_value(n, TensorProto.INT64 if n in (ids, mask, positions) else elem, shape)
               for n, shape in in_shapes.items()]
-    outputs = [_value(n, TensorProto.FLOAT, shape) for n, shape in out_shapes.items()]
+    outputs = [_value(n, TensorProto.FLOAT if n == LOGITS else elem, shape) for n, shape in out_shapes.items()]
     assert [i.name for i in inputs] == names_in and [o.name for o in outputs] == names_out
     graph = helper.make_graph(b.nodes, "toolchain_fast", inputs, outputs, b.initializers)
     model_proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(MS, 1)],

@@ -1,6 +1,7 @@
 """The fast ORT graph (exporters/ort_fusion.py): fused op counts, fp32 parity with torch for dense and
 sliced models of every arch it supports (batch 2 with left padding, prefill + decode), in-place KV
-cache sessions, int4 on top, and the fallback to the traced graph where it cannot be exact."""
+cache sessions, int4 on top, the fp16 fast graph at the fp16 bar, and the fallback to the traced graph
+where it cannot be exact or misses the bar."""
 
 from __future__ import annotations
 
@@ -68,6 +69,37 @@ def test_fast_graph_ops_and_fp32_parity(arch, kind, fast_graphs):
     assert report["summary"]["present"]["max_abs"] < 1e-4
 
 
+@pytest.mark.parametrize("kind", ["dense", "sliced"])
+@pytest.mark.parametrize("arch", FAST_ARCHS)
+def test_fast_graph_fp16_parity(arch, kind, tmp_path):
+    """The fp16 fast graph: the same fused ops, fp16 weights and KV cache, fp32 logits, the first norm
+    stashing in fp32, and the fp16 bar against the fp32 torch model (batch 2, left padding, prefill +
+    decode) on ORT's CPU kernels."""
+    model = model_for(arch, kind)
+    graph = ort_fusion.build_fast_graph(model, dtype="fp16")
+    counts = Counter(node.op_type for node in graph.graph.node)
+    for op, expected in ort_fusion.expected_counts(model.config).items():
+        assert counts[op] == expected, (op, counts)
+    assert counts["Softmax"] == counts["ReduceMean"] == 0
+    floats = [t for t in graph.graph.initializer if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)]
+    assert floats and all(t.data_type == onnx.TensorProto.FLOAT16 for t in floats)
+    kinds = {v.name: v.type.tensor_type.elem_type for v in (*graph.graph.input, *graph.graph.output)}
+    assert kinds["logits"] == onnx.TensorProto.FLOAT
+    assert {t for n, t in kinds.items() if "key" in n or "value" in n} == {onnx.TensorProto.FLOAT16}
+    first_norm = next(n for n in graph.graph.node if n.op_type == "SimplifiedLayerNormalization")
+    assert {a.name: a.i for a in first_norm.attribute}["stash_type"] == 1
+    path = tmp_path / "fp16.onnx"
+    onnx.save(graph, str(path))
+    session = OrtSession(path)
+    assert session.kv_dtype == np.float16
+    report = check_parity(TorchSession(model), session, "fp16", vocab_size=VOCAB)
+    assert report["passed"], report["checks"]
+    logits = report["summary"]["logits"]
+    # measured ≤ 1.1e-2 (logits of scale ~5, fp16 rounding); far below what a wrong op would give
+    assert logits["max_abs"] < 3e-2 and logits["cosine"] > 0.9999 and report["summary"]["present"]["max_abs"] < 2e-2
+    assert logits["top1"] >= 0.95  # at most one near-tie flip among the 21 compared rows
+
+
 @pytest.mark.parametrize("arch", ["llama", "phi3", "opt"])
 def test_in_place_kv_cache_matches_torch(arch, fast_graphs):
     """kv_buffer: past and present share one buffer per layer (GroupQueryAttention appends in place);
@@ -82,6 +114,16 @@ def test_in_place_kv_cache_matches_torch(arch, fast_graphs):
     np.testing.assert_array_equal(got, expected)
     with pytest.raises(InvalidOptionError, match="KV buffer"):
         greedy_generate(session, inputs.input_ids, inputs.attention_mask, max_new_tokens=24)
+
+
+def test_fp16_in_place_kv_cache_matches_its_own_fp16_run(tmp_path):
+    """kv_buffer with fp16 buffers continues in place exactly as the copying session does."""
+    path = tmp_path / "fp16.onnx"
+    onnx.save(ort_fusion.build_fast_graph(sliced_model("llama"), dtype="fp16"), str(path))
+    inputs = make_inputs(VOCAB, batch=2, prompt=6, pad=2, decode_steps=0)
+    expected = greedy_generate(OrtSession(path), inputs.input_ids, inputs.attention_mask, max_new_tokens=10)
+    got = greedy_generate(OrtSession(path, kv_buffer=16), inputs.input_ids, inputs.attention_mask, max_new_tokens=10)
+    np.testing.assert_array_equal(got, expected)
 
 
 def test_ort_cache_reuses_ort_values(fast_graphs):
@@ -121,11 +163,12 @@ def test_default_export_is_fast_verified_and_quantizes(tmp_path):
 
 
 def test_export_falls_back_where_fast_cannot_be_exact(tmp_path, caplog):
-    """Sliding windows, MoDeGPT head dims, fp16: the basic graph, with the reason recorded and logged."""
+    """Sliding windows, MoDeGPT head dims: the basic graph, with the reason recorded and logged."""
     mistral = sliced_model("mistral").config
     assert "sliding-window" in ort_fusion.unsupported_reason(mistral)
     assert choose_graph(mistral, ExportOptions()) == ("basic", ort_fusion.unsupported_reason(mistral))
-    assert choose_graph(sliced_model("llama").config, ExportOptions(dtype="fp16"))[0] == "basic"
+    assert choose_graph(mistral, ExportOptions(dtype="fp16"))[0] == "basic"
+    assert choose_graph(sliced_model("llama").config, ExportOptions(dtype="fp16")) == ("fast", None)
     assert choose_graph(sliced_model("llama").config, ExportOptions(optimize=False)) == ("none", None)
     assert choose_graph(sliced_model("llama").config, ExportOptions(optimize="basic")) == ("basic", None)
     modegpt = SlicedConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -142,6 +185,38 @@ def test_export_falls_back_where_fast_cannot_be_exact(tmp_path, caplog):
     assert "fast ORT graph not used" in caplog.text
     with pytest.raises(InvalidOptionError, match="GroupQueryAttention"):
         OrtSession(result.out_dir, kv_buffer=16)
+
+
+def test_fp16_export_is_fast_and_verified_at_the_fp16_bar(tmp_path):
+    model = sliced_model("qwen2")
+    result = export_onnx(model, tmp_path / "onnx", ExportOptions(dtype="fp16"))
+    graph = result.report["graph"]
+    assert graph["kind"] == "fast" and graph["fallback_reason"] is None
+    assert graph["parity"]["passed"] and graph["parity"]["dtype"] == "fp16"
+    assert graph["parity"]["summary"]["cosine"] >= graph["parity"]["summary"]["cosine_min"] == 0.995
+    assert result.config["graph"] == "fast" and result.config["dtype"] == "fp16"
+    assert result.config["kv_cache_dtype"] == "float16" and result.config["logits_dtype"] == "float32"
+    assert "fp16" not in result.report["op_counts"]  # emitted in fp16: no conversion pass ran
+    assert result.report["op_counts"]["final"]["GroupQueryAttention"] == model.config.num_hidden_layers
+
+
+def test_fp16_fast_graph_off_the_bar_falls_back_with_the_reason(tmp_path, caplog):
+    """Activations beyond fp16's range (embedding rows ~1e5): the fp16 fast graph overflows, its
+    parity check against torch fails, and the export writes the basic graph saying why."""
+    import copy
+
+    import torch
+
+    model = copy.deepcopy(sliced_model("llama"))
+    with torch.no_grad():
+        model.embed_tokens.weight.mul_(1e6)
+    with caplog.at_level("WARNING", logger="exporters.onnx"):
+        result = export_onnx(model, tmp_path / "onnx", ExportOptions(dtype="fp16", exporter="torchscript"))
+    graph = result.report["graph"]
+    assert graph["kind"] == "basic" and not graph["parity"]["passed"]
+    assert graph["fallback_reason"].startswith("the fast graph missed the fp16 parity bar")
+    assert "fast ORT graph not used" in caplog.text and "fp16 parity bar" in caplog.text
+    assert result.config["graph"] == "basic" and result.config["dtype"] == "fp16"
 
 
 def test_unknown_optimize_value_is_refused(tmp_path):
@@ -182,17 +257,18 @@ def kept_pairs_model(seed: int = 0):
     return model
 
 
-def test_per_head_rope_pairs_are_exact_in_the_fast_graph(tmp_path):
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_per_head_rope_pairs_are_exact_in_the_fast_graph(tmp_path, dtype):
     """rope_pair_index (a frequency per kept pair, per KV head) and a rotary dim below the head dim:
     still GroupQueryAttention + RotaryEmbedding, equal to torch with left padding, prefill and decode,
-    and with the in-place KV buffer."""
+    and with the in-place KV buffer (fp16: within the fp16 bar)."""
     model = kept_pairs_model()
     assert ort_fusion.unsupported_reason(model.config) is None
     path = tmp_path / "pairs.onnx"
-    onnx.save(ort_fusion.build_fast_graph(model), str(path))
+    onnx.save(ort_fusion.build_fast_graph(model, dtype=dtype), str(path))
     counts = Counter(node.op_type for node in onnx.load(str(path)).graph.node)
     assert counts["GroupQueryAttention"] == counts["RotaryEmbedding"] / 2 == 3
     for session in (OrtSession(path), OrtSession(path, kv_buffer=24)):
-        report = check_parity(TorchSession(model), session, "fp32", vocab_size=VOCAB)
+        report = check_parity(TorchSession(model), session, dtype, vocab_size=VOCAB)
         assert report["passed"], report["checks"]
-        assert report["summary"]["present"]["max_abs"] < 1e-4
+        assert report["summary"]["present"]["max_abs"] < (1e-4 if dtype == "fp32" else 2e-2)

@@ -16,7 +16,7 @@ import numpy as np
 from toolchain.core.iospec import present_name
 
 from runtime.generate import KVStream
-from runtime.sessions import Past, Session
+from runtime.sessions import Past, Session, host_past
 
 
 @dataclass(frozen=True)
@@ -85,10 +85,11 @@ def run_steps(session: Session, inputs: ParityInputs) -> RunnerResult:
     start = time.perf_counter()
     stream = KVStream.prompt(session, inputs.attention_mask)
     prompt = stream.mask.astype(bool)
-    steps = [Step("prefill", stream.run(inputs.input_ids), stream.past, prompt, prompt)]
+    # the cache is copied out for the comparison only (a device session keeps running on its own)
+    steps = [Step("prefill", stream.run(inputs.input_ids), host_past(stream.past), prompt, prompt)]
     for t in range(inputs.decode_ids.shape[1]):
         logits = stream.decode(inputs.decode_ids[:, t:t + 1])
-        steps.append(Step(f"decode{t + 1}", logits, stream.past, np.ones((stream.batch, 1), bool),
+        steps.append(Step(f"decode{t + 1}", logits, host_past(stream.past), np.ones((stream.batch, 1), bool),
                           stream.mask.astype(bool)))
     return RunnerResult(session.name, steps, time.perf_counter() - start)
 

@@ -28,6 +28,54 @@ class KVShape:
     value_dim: int
 
 
+@dataclass(frozen=True)
+class BindingPlan:
+    """Where each input and output of one step lives, for IO binding on `device`.
+
+    `inputs[name]` / `outputs[name]`: "cpu" or the device the tensor is bound on. `to_host`: the outputs
+    turned into numpy after the step (a device → host copy when the device is not the CPU)."""
+
+    device: str
+    inputs: dict[str, str]
+    outputs: dict[str, str]
+    to_host: tuple[str, ...]
+
+    def host_copies(self) -> list[str]:
+        """Tensors crossing between host and device every step: host-side inputs of a device session
+        and the outputs brought back. Empty on the CPU, where nothing crosses."""
+        if self.device == "cpu":
+            return []
+        return [n for n, where in self.inputs.items() if where == "cpu"] + list(self.to_host)
+
+
+def binding_plan(input_names: list[str], output_names: list[str], device: str,
+                 device_kv: bool | None = None) -> BindingPlan:
+    """The binding of one step. `device_kv` (default: True off the CPU): the presents stay where the
+    device wrote them and come back as the next step's past, so the cache never crosses to the host;
+    only the token inputs (a few int64s) go in and the logits come out. False: every output is copied
+    to the host and the past goes back up, the whole cache twice per step."""
+    if device_kv is None:
+        device_kv = device != "cpu"
+    kv_home = device if device_kv else "cpu"
+    inputs = {name: "cpu" if name in TOKEN_INPUTS else kv_home for name in input_names}
+    outputs = {name: "cpu" if name == LOGITS else kv_home for name in output_names}
+    to_host = tuple(name for name in output_names if name == LOGITS or not device_kv)
+    return BindingPlan(device, inputs, outputs, to_host)
+
+
+def host_past(past: Past) -> Past:
+    """The cache as numpy arrays, wherever it lives (ORT OrtValues, torch tensors on a GPU); for
+    comparing caches, never inside a decode loop."""
+    def host(tensor):
+        if isinstance(tensor, np.ndarray):
+            return tensor
+        if hasattr(tensor, "device_name"):  # onnxruntime.OrtValue
+            return tensor.numpy()
+        return tensor.detach().cpu().numpy()  # torch
+
+    return [(host(key), host(value)) for key, value in past]
+
+
 class Session:
     """run(input_ids, attention_mask, position_ids, past) -> (logits, present).
 
@@ -101,11 +149,13 @@ class TorchSession(Session):
 class OrtSession(Session):
     """onnxruntime over an exported dir or .onnx file, on one named provider (no silent fallback).
 
-    Inputs are bound in place and outputs are ORT-allocated. With `ort_cache=True` the presents are
-    returned as ORT's own OrtValues and bound straight back as the next step's past (IO binding, no
-    round trip through numpy); `run` accepts either kind of past. `spinning=False` stops ORT's idle
-    worker threads from busy-waiting between ops, which on a shared or small machine (2 cores here)
-    costs more than it saves; None keeps ORT's default.
+    Inputs are bound in place and outputs are ORT-allocated (`binding_plan`). With `ort_cache=True`
+    the presents are returned as ORT's own OrtValues and bound straight back as the next step's past
+    (IO binding, no round trip through numpy); `run` accepts either kind of past. On CUDA and
+    TensorRT providers that is the default (`ort_cache=None`): the KV cache stays on the device and
+    only the logits reach the host each step (`host_past` copies a cache out for comparisons).
+    `spinning=False` stops ORT's idle worker threads from busy-waiting between ops, which on a shared
+    or small machine (2 cores here) costs more than it saves; None keeps ORT's default.
 
     `kv_buffer=N` (CPU, fast graphs with GroupQueryAttention only): the KV cache lives in one
     preallocated (batch, kv_heads, N, head_dim) buffer per layer that is bound as both the past input
@@ -117,13 +167,14 @@ class OrtSession(Session):
     """
 
     def __init__(self, path: str | Path, provider: str = "cpu", threads: int | None = None, name: str | None = None,
-                 ort_cache: bool = False, spinning: bool | None = None, profile_prefix: str | None = None,
+                 ort_cache: bool | None = None, spinning: bool | None = None, profile_prefix: str | None = None,
                  kv_buffer: int | None = None):
         import onnxruntime as ort
 
         self.path = resolve_onnx_path(path)
         self.provider = provider_name(provider)
-        self.ort_cache = ort_cache
+        self.device = "cuda" if provider.lower() in ("cuda", "tensorrt") else "cpu"
+        self.ort_cache = self.device != "cpu" if ort_cache is None else ort_cache
         self._ort = ort
         options = ort.SessionOptions()
         if threads:
@@ -144,9 +195,9 @@ class OrtSession(Session):
                                           f"fell back to {self.session.get_providers()[0]}); check the GPU drivers "
                                           "and CUDA/TensorRT libraries, or use --provider cpu")
         self.name = name or f"ort-{provider}"
-        self.device = "cuda" if provider in ("cuda", "tensorrt") else "cpu"
         self._inputs = {i.name: i for i in self.session.get_inputs()}
         self._outputs = [o.name for o in self.session.get_outputs()]
+        self.plan = binding_plan(list(self._inputs), self._outputs, self.device, self.ort_cache)
         self.kv_shapes, self.kv_dtype = _kv_layout(self._inputs, self.path)
         self.vocab_size = _vocab_size(self.session, self.path)
         self.kv_buffer = kv_buffer
@@ -183,16 +234,12 @@ class OrtSession(Session):
                 binding.bind_ortvalue_input(name, array)
             else:
                 binding.bind_cpu_input(name, _as_type(array, self._inputs[name].type))
-        for name in self._outputs:
-            binding.bind_output(name, self.device)
+        for name, where in self.plan.outputs.items():
+            binding.bind_output(name, where)
         self.session.run_with_iobinding(binding)
-        values = binding.get_outputs()
-        if self.ort_cache:  # presents stay ORT-owned; only the logits come to numpy
-            out = dict(zip(self._outputs, values))
-            out[LOGITS] = out[LOGITS].numpy()
-        else:
-            arrays = [v.numpy() for v in values] if self.device == "cpu" else binding.copy_outputs_to_cpu()
-            out = dict(zip(self._outputs, arrays))
+        out = dict(zip(self._outputs, binding.get_outputs()))
+        for name in self.plan.to_host:  # the rest (ort_cache: the presents) stays ORT-owned
+            out[name] = out[name].numpy()
         return out[LOGITS].astype(np.float32, copy=False), presents(out, self.num_layers)
 
 

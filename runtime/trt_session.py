@@ -21,7 +21,7 @@ from toolchain.core.fileio import write_json, write_text
 from toolchain.core.iospec import (LOGITS, PAST_PREFIX, TOKEN_INPUTS, is_kv_name, past_feeds, past_kv_shapes, past_name,
                                    presents)
 
-from runtime.sessions import KVShape, Past, Session
+from runtime.sessions import KVShape, Past, Session, binding_plan
 from runtime.trt_bundle import (BUILD_COMMAND, ENGINE_DIR, ENGINE_FILE, ENGINE_META, load_parity_data,
                                 read_build_config)
 from runtime.trt_environment import probe_environment
@@ -32,8 +32,11 @@ class TensorRTSession(Session):
 
     `run_device` is the same call on CUDA tensors (KV cache stays on the GPU between steps)."""
 
-    def __init__(self, path: str | Path, name: str = "tensorrt", device: int | str = 0):
-        """`device`: CUDA device index (a torch device string runs a stand-in engine in tests)."""
+    def __init__(self, path: str | Path, name: str = "tensorrt", device: int | str = 0, device_kv: bool | None = None):
+        """`device`: CUDA device index (a torch device string runs a stand-in engine in tests).
+        `device_kv` (default: on CUDA): `run` returns the presents as the device tensors TensorRT wrote
+        and takes them back as the next past, so the cache never crosses to the host
+        (runtime.sessions.binding_plan)."""
         import tensorrt as trt
         import torch
 
@@ -59,17 +62,19 @@ class TensorRTSession(Session):
         self.vocab_size = self._vocab_size()
         self.profiles = self._profile_ranges()
         self.profiles_used: list[str] = []  # one entry per call: which profile ran it
+        self.plan = binding_plan(self.inputs, self.outputs, self.device.type, device_kv)
         self._active: int | None = None
         self._empty = torch.empty(256, dtype=torch.uint8, device=self.device)  # address for 0-element tensors
 
     def run(self, input_ids, attention_mask, position_ids, past: Past) -> tuple[np.ndarray, Past]:
         torch = self._torch
         feeds = {**dict(zip(TOKEN_INPUTS, (input_ids, attention_mask, position_ids))), **past_feeds(past)}
-        tensors = {name: torch.from_numpy(np.ascontiguousarray(array)).to(self.device, self._dtypes[name])
-                   for name, array in feeds.items() if name in self._dtypes}
+        tensors = {name: (array if isinstance(array, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(array)))
+                   .to(self.device, self._dtypes[name]) for name, array in feeds.items() if name in self._dtypes}
         out = self.run_device(tensors)
-        present = [(key.cpu().numpy(), value.cpu().numpy()) for key, value in presents(out, self.num_layers)]
-        return out[LOGITS].float().cpu().numpy(), present
+        for name in self.plan.to_host:  # device_kv: the presents stay device tensors
+            out[name] = out[name].float().cpu().numpy() if name == LOGITS else out[name].cpu().numpy()
+        return out[LOGITS], presents(out, self.num_layers)
 
     def run_device(self, feeds: dict) -> dict:
         """{input name: CUDA tensor} -> {output name: CUDA tensor}; queued on torch's current stream."""

@@ -7,8 +7,9 @@ notes: Swish, TRT_Attention/TRT_MoE/TRT_KVCacheUpdate), so a graph that passes h
 Types per op are the doc's "Supported Types" column; an op missing from SUPPORTED is rejected.
 
 The check runs anywhere (no TensorRT needed): ops and domains, opset range, tensor types per op,
-constant-input restrictions we can see statically, and that every graph input's dims are covered by
-each optimisation profile of `trt_build.json`.
+the doc's per-op restrictions a graph shows statically (exporters/trt_restrictions.py: constant axes,
+RotaryEmbedding's INT64 position_ids, unsupported inputs/outputs/attributes, ranks), and that every
+graph input's dims are covered by each optimisation profile of `trt_build.json`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from onnx import TensorProto
 
 from toolchain.core.errors import ArtifactError
 from toolchain.core.iospec import PAST, SEQ, TOTAL
+
+from exporters.trt_restrictions import constant_values, node_restrictions, tensor_ranks
 
 TARGET = "10.15"
 SOURCE = "onnx/onnx-tensorrt docs/operators.md (TensorRT 10.15 GA)"
@@ -86,8 +89,6 @@ DEFAULT_DOMAINS = ("", "ai.onnx")
 # Which tensors the "Supported Types" column is about (default: input 0, the data input).
 _TYPED_OUTPUTS = {"Constant", "ConstantOfShape", "EyeLike", "RandomNormal", "RandomUniform"}
 _TYPED_INPUTS = {"Where": (1, 2)}
-# Inputs the doc requires to be initializers (build-time constants).
-_CONST_INPUTS = {**{op: 1 for op in SUPPORTED if op.startswith("Reduce")}, "CumSum": 1}
 
 
 @dataclass
@@ -130,7 +131,7 @@ def check_graph(model: onnx.ModelProto | str | Path, profiles: list[dict] | None
     if not isinstance(model, onnx.ModelProto):
         model = onnx.load(str(model), load_external_data=False)
     inferred = onnx.shape_inference.infer_shapes(model)  # types for every tensor we can reach
-    types = _tensor_types(inferred)
+    types, ranks, values = _tensor_types(inferred), tensor_ranks(inferred), constant_values(model)
     constants = {t.name for t in model.graph.initializer}
     functions = {(f.domain, f.name): f for f in model.functions}
     problems: list[Problem] = []
@@ -157,10 +158,8 @@ def check_graph(model: onnx.ModelProto | str | Path, profiles: list[dict] | None
             problem = _check_type(node, name, types[name])
             if problem:
                 problems.append(problem)
-        index = _CONST_INPUTS.get(node.op_type)
-        if index is not None and len(node.input) > index and node.input[index] and node.input[index] not in constants:
-            problems.append(Problem("restriction", f"{node.op_type} node {node.name!r}: input {index} must be an "
-                                                   "initializer for TensorRT", node.op_type, node.name))
+        problems += [Problem("restriction", message, node.op_type, node.name)
+                     for message in node_restrictions(node, types, ranks, constants, values)]
     problems += _check_io_types(model, types)
     if profiles is not None:
         problems += check_profiles(model, profiles)

@@ -3,7 +3,7 @@ runtime.trt_session) see it: file and directory names, the build command printed
 trt_build.json, and the stored parity data.
 
 Bundle layout: model.onnx (+ .data), trt_build.json, compat_report.json, parity/{inputs,expected}.npz
-+ parity.json, and after the build on the target engine/{model.plan,engine.json}.
++ parity.json, and after the build on the target engine/{model.plan,engine.json,timing.cache}.
 """
 
 from __future__ import annotations
@@ -19,6 +19,9 @@ from toolchain.core.errors import ArtifactError
 BUILD_CONFIG = "trt_build.json"
 COMPAT_REPORT = "compat_report.json"
 ENGINE_DIR, ENGINE_FILE, ENGINE_META = "engine", "model.plan", "engine.json"
+# One timing cache for `build_engine` and the printed trtexec line, so either build reuses the other's
+# tactic timings. TensorRT refuses a cache from another GPU or version (set_timing_cache returns False).
+TIMING_CACHE = "timing.cache"
 PARITY_DIR = "parity"
 # The parity harness's default shapes (runtime/parity.make_inputs): batch 2, prompt 12, 3 decode steps.
 PARITY_SHAPE = {"batch": 2, "prompt": 12, "pad": 3, "decode_steps": 3}

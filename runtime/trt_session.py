@@ -3,9 +3,13 @@ parity, generation and latency code run on it unchanged. Also: provider options 
 TensorRT execution provider, and `validate_bundle` (stored parity data → pass/fail) for the target GPU.
 
 Buffers are torch CUDA tensors (no pycuda): inputs are bound with set_input_shape/set_tensor_address,
-outputs are allocated at the shapes the context infers, and execute_async_v3 runs on torch's current
-stream. The optimisation profile is picked per call: `prefill` for an empty cache, `decode` otherwise,
-any other profile whose ranges hold the shapes as a fallback.
+outputs are allocated at the shapes the context infers, and execute_async_v3 runs on the session's own
+CUDA stream: TensorRT synchronises extra work when enqueued on the default stream, which would distort
+latency. That stream waits for the caller's stream before reading the inputs, and the caller's stream
+waits for it before using the outputs, so callers see ordinary stream semantics. Every TensorRT call
+that reports failure by its return value goes through runtime.trt_calls.check. The optimisation profile
+is picked per call: `prefill` for an empty cache, `decode` otherwise, any other profile whose ranges
+hold the shapes as a fallback.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from toolchain.core.iospec import (LOGITS, PAST_PREFIX, TOKEN_INPUTS, is_kv_name
 from runtime.sessions import KVShape, Past, Session, binding_plan
 from runtime.trt_bundle import (BUILD_COMMAND, ENGINE_DIR, ENGINE_FILE, ENGINE_META, load_parity_data,
                                 read_build_config)
+from runtime.trt_calls import check
 from runtime.trt_environment import probe_environment
 
 
@@ -51,7 +56,10 @@ class TensorRTSession(Session):
             if self.engine is None:
                 raise ArtifactError(f"{self.engine_path} does not deserialize with TensorRT {trt.__version__}; "
                                     f"rebuild it: {_rebuild_hint(self.engine_path)}")
-            self.context = self.engine.create_execution_context()
+            self.context = check(self.engine.create_execution_context(), "create_execution_context",
+                                 f"no device memory for {self.engine_path}'s activations (free GPU memory, or "
+                                 "rebuild the bundle with a smaller max_batch/max_context)")
+            self._stream = torch.cuda.Stream(self.device) if cuda else None
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.outputs = [n for n in names if n not in self.inputs]
@@ -77,35 +85,49 @@ class TensorRTSession(Session):
         return out[LOGITS], presents(out, self.num_layers)
 
     def run_device(self, feeds: dict) -> dict:
-        """{input name: CUDA tensor} -> {output name: CUDA tensor}; queued on torch's current stream."""
+        """{input name: CUDA tensor} -> {output name: CUDA tensor}, enqueued on the session's stream and
+        ordered before whatever the caller's current stream does next."""
         torch = self._torch
         missing = [n for n in self.inputs if n not in feeds]
         if missing:
             raise InvalidOptionError(f"the engine needs inputs {missing}")
         shapes = {n: tuple(feeds[n].shape) for n in self.inputs}
         index = self.select_profile(shapes)
-        stream = torch.cuda.current_stream(self.device).cuda_stream if self.device.type == "cuda" else 0
+        profile = self.profiles[index]["name"]
+        caller = torch.cuda.current_stream(self.device) if self._stream is not None else None
+        if caller is not None:
+            self._stream.wait_stream(caller)  # inputs written on the caller's stream are complete
+        stream = self._stream.cuda_stream if self._stream is not None else 0
         if index != self._active:
-            self.context.set_optimization_profile_async(index, stream)
+            check(self.context.set_optimization_profile_async(index, stream),
+                  f"set_optimization_profile_async({index})", f"profile {profile!r} is not in {self.engine_path}")
             self._active = index
         for name in self.inputs:
             tensor = feeds[name] = feeds[name].contiguous()
-            self.context.set_input_shape(name, shapes[name])
-            self.context.set_tensor_address(name, tensor.data_ptr() if tensor.numel() else self._empty.data_ptr())
-        unresolved = self.context.infer_shapes()
-        if unresolved:
-            raise ArtifactError(f"{self.engine_path}: output shapes {unresolved} cannot be inferred from the inputs")
+            check(self.context.set_input_shape(name, shapes[name]), f"set_input_shape({name!r}, {shapes[name]})",
+                  f"the shape is outside profile {profile!r} of {self.engine_path} or has the wrong rank")
+            self._bind(name, tensor)
+        check(self.context.infer_shapes(), "infer_shapes", f"output shapes of {self.engine_path} cannot be inferred "
+                                                           f"from the input shapes {shapes}")
         outputs = {}
         for name in self.outputs:
             shape = tuple(self.context.get_tensor_shape(name))
             tensor = torch.empty(shape, dtype=self._dtypes[name], device=self.device)
-            self.context.set_tensor_address(name, tensor.data_ptr() if tensor.numel() else self._empty.data_ptr())
+            self._bind(name, tensor)
             outputs[name] = tensor
-        if not self.context.execute_async_v3(stream):
-            raise RuntimeError(f"TensorRT execution failed for shapes {shapes} "
-                               f"(profile {self.profiles[index]['name']})")
-        self.profiles_used.append(self.profiles[index]["name"])
+        check(self.context.execute_async_v3(stream), "execute_async_v3",
+              f"enqueueing {self.engine_path} failed for input shapes {shapes} (profile {profile!r})")
+        if caller is not None:
+            for tensor in (*feeds.values(), *outputs.values()):
+                tensor.record_stream(self._stream)  # the allocator must not reuse them while TensorRT runs
+            caller.wait_stream(self._stream)  # the caller's next kernels (and .cpu()) see the outputs
+        self.profiles_used.append(profile)
         return outputs
+
+    def _bind(self, name: str, tensor) -> None:
+        address = tensor.data_ptr() if tensor.numel() else self._empty.data_ptr()
+        check(self.context.set_tensor_address(name, address), f"set_tensor_address({name!r})",
+              f"the engine has no I/O tensor {name!r} or the address is not aligned for it")
 
     def select_profile(self, shapes: dict[str, tuple]) -> int:
         """Index of the profile for these input shapes: the phase's own profile when it fits, else any that does."""

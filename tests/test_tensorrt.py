@@ -6,6 +6,7 @@ engine builds, matches torch fp16, and decodes across the prefill → decode pro
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import subprocess
 import sys
@@ -77,10 +78,51 @@ def test_bundle_holds_everything_the_target_needs(arch_bundle):
     readme = (out / "README.md").read_text()
     assert f"python -m exporters.tensorrt build {out}" in readme
     trtexec = config["commands"]["trtexec"]
-    assert trtexec.startswith("trtexec --onnx=model.onnx --stronglyTyped ") and trtexec in readme
-    assert trtexec.count("--minShapes=") == trtexec.count("--maxShapes=") == 2
-    assert "--saveEngine=engine/model.plan" in trtexec and "past_key_values.0.key:1x" in trtexec
+    assert trtexec.startswith("mkdir -p engine && trtexec --onnx=model.onnx --stronglyTyped ") and trtexec in readme
+    assert "--profile=0 (prefill), --profile=1 (decode)" in readme.replace("`", "")
+    assert "past_key_values.0.key:1x" in trtexec
     assert result.sizes["model.onnx.data"] > 0
+
+
+def trtexec_argv(line: str) -> tuple[list[str], list[str]]:
+    """(setup argv, trtexec argv) of the printed line: an optional `mkdir -p DIR &&` then trtexec."""
+    setup, _, command = line.rpartition(" && ")
+    return shlex.split(setup), shlex.split(command)
+
+
+def test_printed_trtexec_line_follows_trtexecs_parser(tmp_path_factory, standin_trt, tmp_path):
+    """trtexec (sampleOptions.cpp) reads several profiles only as `--profile=N` directly followed by that
+    profile's shape flags, rejects a second shape set outside --profile, does not create --saveEngine's
+    directory; and the timing cache it writes is the one build_engine reads."""
+    _, bundle = standin_trt
+    config = read_build_config(bundle)
+    setup, argv = trtexec_argv(config["commands"]["trtexec"])
+    assert argv[:3] == ["trtexec", "--onnx=model.onnx", "--stronglyTyped"]
+    flags = [arg.split("=", 1) for arg in argv[1:]]
+    names = [name for name, *_ in flags]
+    starts = [i for i, name in enumerate(names) if name == "--profile"]
+    assert [flags[i][1] for i in starts] == [str(n) for n in range(len(config["profiles"]))] == ["0", "1"]
+    for profile, i in zip(config["profiles"], starts):
+        assert names[i + 1:i + 4] == ["--minShapes", "--optShapes", "--maxShapes"]
+        for (_, spec), key in zip(flags[i + 1:i + 4], ("min", "opt", "max")):
+            parsed = {name: [int(d) for d in dims.split("x")] for name, dims in
+                      (item.rsplit(":", 1) for item in spec.split(","))}
+            assert parsed == {name: shapes[key] for name, shapes in profile["shapes"].items()}
+    shape_flags = [i for i, name in enumerate(names) if name.endswith("Shapes")]
+    assert shape_flags == [i + k for i in starts for k in (1, 2, 3)]  # none outside a profile
+    options = {name: value for name, *value in flags if name not in ("--profile", "--minShapes", "--optShapes",
+                                                                      "--maxShapes")}
+    engine = Path(options["--saveEngine"][0])
+    assert engine == Path("engine/model.plan")
+    assert setup == ["mkdir", "-p", str(engine.parent)]  # trtexec saves into an existing dir only
+
+    copy = tmp_path / "bundle"  # build_engine's default output dir is the one trtexec's paths name
+    shutil.copytree(bundle, copy)
+    build_engine(copy)
+    assert (copy / engine).is_file()
+    assert (copy / options["--timingCacheFile"][0]).read_bytes() == b"timing:"
+    assert json.loads((copy / "engine" / "engine.json").read_text())["timing_cache"] == \
+        Path(options["--timingCacheFile"][0]).name
 
 
 def test_profiles_cover_the_parity_harness_shapes(arch_bundle):
@@ -230,7 +272,7 @@ def test_engine_builds_and_matches_torch_fp16(arch, tmp_path_factory):
     built = build_engine(bundle)
     assert built.engine_path.is_file() and (bundle / "engine" / "engine.json").is_file()
     assert [p["name"] for p in built.metadata["profiles"]] == ["prefill", "decode"]
-    assert list((bundle / "engine").glob("timing-*.cache"))
+    assert (bundle / "engine" / "timing.cache").is_file()
     reference = TorchSession(copy.deepcopy(sliced_model(arch)).half().cuda(), name="torch-fp16")
     session = TensorRTSession(bundle)
     report = check_parity(reference, session, "fp16", vocab_size=VOCAB)
@@ -335,6 +377,7 @@ def _standin_tensorrt():
 
         def set_timing_cache(self, cache, ignore_mismatch):
             self.cache = cache
+            return True
 
         def get_timing_cache(self):
             return self.cache
@@ -363,14 +406,17 @@ def _standin_tensorrt():
 
         def set_optimization_profile_async(self, index, stream):
             self.profile = index
+            return True
 
         def set_input_shape(self, name, shape):
             low, _, high = self.engine.get_tensor_profile_shape(name, self.profile)
             assert all(a <= s <= b for a, s, b in zip(low, shape, high)), (name, shape, "outside the profile")
             self.shapes[name] = tuple(shape)
+            return True
 
         def set_tensor_address(self, name, address):
             self.addresses[name] = address
+            return True
 
         def infer_shapes(self):
             feeds = {n: view(self.addresses[n], self.shapes[n], numpy_of[self.engine.dtypes[n]]).copy()
@@ -453,9 +499,9 @@ def test_engine_build_and_session_through_a_standin_tensorrt(standin_trt, tmp_pa
     assert meta["key"] == "Stand-in_GPU-sm89-trt10.15.1-cuda12.8" and meta["strongly_typed"]
     assert [p["name"] for p in meta["profiles"]] == ["prefill", "decode"]
     assert {t["name"] for t in meta["io"] if t["mode"] == "output"} >= {"logits", "present.1.value"}
-    assert (tmp_path / "engine" / f"timing-{meta['key']}.cache").read_bytes() == b"timing:"
+    assert (tmp_path / "engine" / "timing.cache").read_bytes() == b"timing:"
     build_engine(bundle, out=tmp_path / "engine")  # the second build starts from the stored timing cache
-    assert (tmp_path / "engine" / f"timing-{meta['key']}.cache").read_bytes() == b"timing:timing:"
+    assert (tmp_path / "engine" / "timing.cache").read_bytes() == b"timing:timing:"
 
     session = TensorRTSession(built.engine_path, device="cpu")
     assert session.vocab_size == VOCAB and [s.key_dim for s in session.kv_shapes] == [16, 16]

@@ -13,7 +13,7 @@ produces everything the target needs, checked here:
 
 `build_engine` (or `python -m exporters.tensorrt build <bundle>`) then parses the ONNX with
 TensorRT's parser into a strongly typed network and writes engine/model.plan + engine/engine.json,
-with a timing cache beside them keyed by GPU, compute capability, TensorRT and CUDA versions.
+with the timing cache engine/timing.cache beside them (the name the printed trtexec line uses too).
 
 Modules: profiles (optimisation profiles), bundle (write_bundle, trt_build.json, trtexec command),
 readme (the bundle's README.md), engine (build on the target), cli (the `trt` commands). The bundle

@@ -8,6 +8,7 @@ README beside it. The format itself (file names, readers) is runtime/trt_bundle.
 
 from __future__ import annotations
 
+import shlex
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -23,7 +24,7 @@ from toolchain.core.iospec import step_shapes
 from toolchain.core.tokenizer_files import copy_tokenizer_files
 
 from runtime.trt_bundle import (BUILD_CONFIG, COMPAT_REPORT, ENGINE_DIR, ENGINE_FILE, ENGINE_META, PARITY_DIR, PARITY_SHAPE,
-                                build_command, read_build_config)
+                                TIMING_CACHE, build_command, read_build_config)
 from exporters import onnx_graph, trt_ops
 from exporters.onnx import MODEL_FILE, ExportOptions, export_onnx
 from exporters.tensorrt.profiles import covering_profile, default_profiles, profile_shapes
@@ -160,16 +161,19 @@ def _build_config(export_config, profiles, kv, folding, max_batch, max_prompt, m
 
 
 def trtexec_command(build_config: dict) -> str:
-    """The equivalent trtexec line, run inside the bundle dir; one --min/--opt/--maxShapes set per profile."""
-    parts = [f"trtexec --onnx={build_config['onnx']} --stronglyTyped"]
-    for profile in build_config["profiles"]:
+    """The equivalent trtexec line, run inside the bundle dir. trtexec takes several optimisation profiles
+    only as `--profile=N` directly followed by that profile's --minShapes/--optShapes/--maxShapes (a second
+    set without --profile is an error), and --saveEngine does not create its directory."""
+    argv = ["trtexec", f"--onnx={build_config['onnx']}", "--stronglyTyped"]
+    for index, profile in enumerate(build_config["profiles"]):
+        argv.append(f"--profile={index}")
         for key, flag in (("min", "minShapes"), ("opt", "optShapes"), ("max", "maxShapes")):
             spec = ",".join(f"{name}:{'x'.join(map(str, s[key]))}" for name, s in profile["shapes"].items())
-            parts.append(f"--{flag}={spec}")
+            argv.append(f"--{flag}={spec}")
     mib = build_config["workspace_bytes"] // 2**20
-    parts += [f"--memPoolSize=workspace:{mib}M", f"--saveEngine={ENGINE_DIR}/{ENGINE_FILE}",
-              f"--timingCacheFile={ENGINE_DIR}/timing.cache"]
-    return " ".join(parts)
+    argv += [f"--memPoolSize=workspace:{mib}M", f"--saveEngine={ENGINE_DIR}/{ENGINE_FILE}",
+             f"--timingCacheFile={ENGINE_DIR}/{TIMING_CACHE}"]
+    return f"mkdir -p {ENGINE_DIR} && {shlex.join(argv)}"
 
 
 def _write_parity_data(model, out: Path, build_config: dict, kv: dict) -> None:

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from toolchain.core.iospec import BATCH, PAST, SEQ, TOTAL
 
-from runtime.trt_bundle import BUILD_CONFIG, COMPAT_REPORT, ENGINE_DIR, ENGINE_FILE, ENGINE_META, PARITY_DIR, PARITY_SHAPE
+from runtime.trt_bundle import (BUILD_CONFIG, COMPAT_REPORT, ENGINE_DIR, ENGINE_FILE, ENGINE_META, PARITY_DIR, PARITY_SHAPE,
+                                TIMING_CACHE)
 from exporters import trt_ops
 
 
@@ -30,10 +31,12 @@ def bundle_readme(config: dict, out: Path, compat: trt_ops.CompatReport) -> str:
         config["commands"]["build"] + "   # the bundle's path on the target",
         "```",
         "",
-        f"writes `{ENGINE_DIR}/{ENGINE_FILE}` and `{ENGINE_DIR}/{ENGINE_META}` (profiles, versions, I/O), with a",
-        "timing cache beside them keyed by GPU, compute capability, TensorRT and CUDA versions. The same build with",
-        "trtexec, from inside this directory (each --minShapes/--optShapes/--maxShapes set is one profile: prefill,",
-        "then decode):",
+        f"writes `{ENGINE_DIR}/{ENGINE_FILE}` and `{ENGINE_DIR}/{ENGINE_META}` (profiles, versions, I/O), with the",
+        f"timing cache `{ENGINE_DIR}/{TIMING_CACHE}` beside them (TensorRT reuses it only on the same GPU and",
+        "TensorRT version). The same build with trtexec, from inside this directory: "
+        + ", ".join(f"`--profile={i}` ({p['name']})" for i, p in enumerate(config["profiles"])) + ",",
+        "each directly followed by that profile's --minShapes/--optShapes/--maxShapes, sharing the timing cache",
+        "with the command above:",
         "",
         "```",
         config["commands"]["trtexec"],

@@ -1,6 +1,7 @@
 """Timing primitives for any Session: time-to-first-token, per-token decode percentiles, throughput
-and peak memory (`measure_session`), decode on several sessions in lockstep, the machine the numbers
-depend on, what a model should cost (ModelCost), and ORT's per-op profile of a decode step.
+and peak memory (`measure_session`; `measure_sessions` has several sessions take turns call by call),
+the load drift that makes a run suspect, the machine the numbers depend on, what a model should cost
+(ModelCost), and ORT's per-op profile of a decode step.
 
 A build's benchmark (backends, dense source, report) is `toolchain.app.bench`; the report itself is
 `toolchain.analysis.bench_report`.
@@ -34,9 +35,9 @@ RESULT_KEYS = ("backend", "variant", "phase", "dtype", "batch", "tokens", "conte
 
 Progress = Callable[[int, int], None]
 
-__all__ = ["BenchConfig", "ModelCost", "PeakMemory", "graph_weight_bytes", "interleaved_decode", "load_average",
-           "machine_info", "measure_session", "model_cost", "parse_ints", "percentiles", "profile_ort_decode",
-           "time_decode", "time_prefill", "torch_threads"]
+__all__ = ["BenchConfig", "Measured", "ModelCost", "PeakMemory", "graph_weight_bytes", "interleaved_decode",
+           "load_average", "load_drift", "machine_info", "measure_session", "measure_sessions", "model_cost",
+           "parse_ints", "percentiles", "profile_ort_decode", "time_decode", "time_prefill", "torch_threads"]
 
 
 # --- configuration ------------------------------------------------------------------------------
@@ -54,6 +55,9 @@ class BenchConfig:
     max_prompt: int | None = None
     threads: int | None = None  # torch and ORT intra-op threads; None = the libraries' defaults
     seed: int = 0
+    # sessions measured together take turns call by call (dense, sliced, sliced, dense, ...), so load
+    # drift on a shared machine hits them alike; False measures one after the other
+    interleave: bool = True
 
     def validate(self) -> None:
         for name in ("steps", "repeats", "context", "prefill_batch"):
@@ -223,9 +227,9 @@ def interleaved_decode(sessions: dict[str, Session], batch: int, context: int, w
     rng = np.random.default_rng(seed)
     loops = {name: DecodeLoop(session, batch, context, rng) for name, session in sessions.items()}
     times: dict[str, list[float]] = {name: [] for name in sessions}
+    names = list(loops)
     for step in range(warmup + steps):
-        order = list(loops) if step % 2 == 0 else list(reversed(loops))
-        for name in order:
+        for name in (names[i] for i in _turns(len(names), step)):
             elapsed = loops[name].step()
             if step >= warmup:
                 times[name].append(elapsed)
@@ -242,6 +246,16 @@ def _result(backend, variant, phase, dtype, batch, tokens, context, samples, mea
             "model": model}
 
 
+@dataclass
+class Measured:
+    """One session of a group measured together (e.g. dense and sliced on one backend)."""
+
+    variant: str
+    session: Session
+    dtype: str = "fp32"
+    model: dict | None = None  # the result's `model` entry (ModelCost.as_result_model)
+
+
 def measure_session(session: Session, config: BenchConfig, variant: str = "model", dtype: str = "fp32",
                     max_positions: int | None = None, model: dict | None = None,
                     tick: Callable[[], None] | None = None) -> list[dict]:
@@ -251,27 +265,55 @@ def measure_session(session: Session, config: BenchConfig, variant: str = "model
     Decode: `measured_ms` is the total of the `steps` timed steps (fit_efficiency's convention),
     percentiles are per step, `context` is the cache length before the first timed step.
     """
+    return measure_sessions([Measured(variant, session, dtype, model)], config, max_positions, tick)
+
+
+def measure_sessions(entries: list[Measured], config: BenchConfig, max_positions: int | None = None,
+                     tick: Callable[[], None] | None = None) -> list[dict]:
+    """`measure_session` for several sessions at once. With `config.interleave` they take turns: each
+    prefill repeat and each decode step runs on every session in turn, the order reversed every round
+    (A B, B A, ...), so both sides of a ratio see the same machine. Results come entry by entry, in
+    `measure_session`'s order; `tick` is called once per entry and measurement. The peak memory of an
+    interleaved group is the whole group's (every model is resident), its memory_kind says so."""
     config.validate()
+    if not config.interleave and len(entries) > 1:
+        return [r for e in entries for r in measure_sessions([e], config, max_positions, tick)]
     rng = np.random.default_rng(config.seed)
-    on_cuda = isinstance(session, TorchSession) and session.device.type == "cuda"
+    on_cuda = any(isinstance(e.session, TorchSession) and e.session.device.type == "cuda" for e in entries)
     memory = PeakMemory("cuda" if on_cuda else "cpu")  # ORT's CUDA arena is invisible to torch: RSS there
-    backend = session.name
-    time_prefill(session, 1, 8, 1, rng)  # first call: allocator, thread pool and kernel selection
-    results = []
+    if len(entries) > 1:
+        memory.kind += f" (all {len(entries)} models of the group resident)"
+    for entry in entries:
+        time_prefill(entry.session, 1, 8, 1, rng)  # first call: allocator, thread pool and kernel selection
+    rows: dict[int, list[dict]] = {i: [] for i in range(len(entries))}
+
+    def record(phase, batch, tokens, context, times: dict[int, list[float]], measured) -> None:
+        peak = memory.peak_mb()
+        for i, e in enumerate(entries):
+            rows[i].append(_result(e.session.name, e.variant, phase, e.dtype, batch, tokens, context, times[i],
+                                   measured(times[i]), memory, peak, e.model))
+            tick and tick()
+
     for length in config.prompt_lengths(max_positions):
         memory.reset()
-        times = time_prefill(session, config.prefill_batch, length, config.repeats, rng)
-        results.append(_result(backend, variant, "prefill", dtype, config.prefill_batch, length, 0, times,
-                               float(np.median(times)), memory, memory.peak_mb(), model))
-        tick and tick()
+        times: dict[int, list[float]] = {i: [] for i in rows}
+        for repeat in range(config.repeats):
+            for i in _turns(len(entries), repeat):
+                times[i] += time_prefill(entries[i].session, config.prefill_batch, length, 1, rng)
+        record("prefill", config.prefill_batch, length, 0, times, lambda t: float(np.median(t)))
     context = config.decode_context(max_positions)
     for batch in config.batches:
         memory.reset()
-        times = time_decode(session, batch, context, config.warmup, config.steps, rng)
-        results.append(_result(backend, variant, "decode", dtype, batch, config.steps, context + config.warmup,
-                               times, float(np.sum(times)), memory, memory.peak_mb(), model))
-        tick and tick()
-    return results
+        sessions = {i: e.session for i, e in enumerate(entries)}
+        times = interleaved_decode(sessions, batch, context, config.warmup, config.steps,
+                                   seed=int(rng.integers(2**31)))
+        record("decode", batch, config.steps, context + config.warmup, times, lambda t: float(np.sum(t)))
+    return [r for i in rows for r in rows[i]]
+
+
+def _turns(count: int, round_: int) -> list[int]:
+    """The order of one round: forwards on even rounds, backwards on odd ones."""
+    return list(range(count)) if round_ % 2 == 0 else list(reversed(range(count)))
 
 
 # --- what the model should cost -----------------------------------------------------------------
@@ -370,6 +412,21 @@ def load_average() -> list[float] | None:
         return [round(v, 2) for v in os.getloadavg()]
     except OSError:
         return None
+
+
+def load_drift(samples: list[list[float] | None], cpu_count: int | None) -> str | None:
+    """A warning when the 1-minute load average moved by a quarter of the cores (at least one core's
+    worth) between the samples taken during a run, else None: then even interleaved ratios deserve a
+    second run, and absolute times are not comparable with other runs."""
+    loads = [s[0] for s in samples if s]
+    if len(loads) < 2:
+        return None
+    spread, limit = max(loads) - min(loads), max(1.0, 0.25 * (cpu_count or 1))
+    if spread < limit:
+        return None
+    return (f"the 1-minute load average moved from {min(loads):.2f} to {max(loads):.2f} during the run (more than "
+            f"{limit:.2f} on {cpu_count or '?'} cores): other work competed for the machine; ratios of interleaved "
+            "measurements still hold best, absolute times do not")
 
 
 @contextlib.contextmanager

@@ -78,6 +78,49 @@ def test_percentiles_are_ordered_and_positive():
     assert results[3]["tokens_per_s"] == pytest.approx(3e3 / results[3]["mean_ms"])
 
 
+class Recording(TorchSession):
+    """A TorchSession that appends (its name, tokens in the call) to a shared log on every call."""
+
+    def __init__(self, model, name, log):
+        super().__init__(model, name=name)
+        self.log = log
+
+    def run(self, input_ids, attention_mask, position_ids, past):
+        self.log.append((self.name, input_ids.shape[1]))
+        return super().run(input_ids, attention_mask, position_ids, past)
+
+
+def test_interleaved_sessions_take_turns_call_by_call():
+    """Two sessions measured together alternate on every prefill repeat and decode step, the order
+    reversed every round (A B B A A B ...); measured apart, all of A comes before all of B."""
+    log: list = []
+    entries = [latency.Measured("dense", Recording(to_canonical(tiny_hf_model("llama")).eval(), "A", log)),
+               latency.Measured("sliced", Recording(sliced_tiny(), "B", log))]
+    config = BenchConfig(prompts=(6,), batches=(1,), steps=4, warmup=1, repeats=4, context=5)
+    results = latency.measure_sessions(entries, config, max_positions=128)
+    assert [(r["variant"], r["phase"]) for r in results] == [("dense", "prefill"), ("dense", "decode"),
+                                                             ("sliced", "prefill"), ("sliced", "decode")]
+    assert [r["backend"] for r in results] == ["A", "A", "B", "B"] and all(r["samples"] == 4 for r in results)
+    assert "all 2 models of the group resident" in results[0]["memory_kind"]
+    warm, prefill, decode = log[:2], [n for n, t in log[2:] if t == 6], [n for n, t in log[2:] if t == 1]
+    assert [n for n, _ in warm] == ["A", "B"]
+    assert prefill == ["A", "B", "B", "A", "A", "B", "B", "A"]
+    assert decode == ["A", "B", "B", "A"] * 2 + ["A", "B"]  # 1 warm-up + 4 timed steps each
+
+    log.clear()
+    latency.measure_sessions(entries, BenchConfig(**{**config.__dict__, "interleave": False}), max_positions=128)
+    names = [n for n, _ in log]
+    assert names == sorted(names)  # A's whole measurement, then B's
+
+
+def test_load_drift_warns_only_when_the_load_moved_a_lot():
+    assert latency.load_drift([[1.0, 1.0, 1.0], [1.4, 1.0, 1.0], None], cpu_count=2) is None
+    warning = latency.load_drift([[1.0, 1.0, 1.0], [2.3, 1.5, 1.0]], cpu_count=2)
+    assert warning and "from 1.00 to 2.30" in warning
+    assert latency.load_drift([[4.0, 0, 0], [6.5, 0, 0]], cpu_count=16) is None  # < a quarter of 16 cores
+    assert latency.load_drift([[4.0, 0, 0]], cpu_count=2) is None
+
+
 def test_prompts_capped_by_model_and_max_prompt():
     config = BenchConfig(prompts=(128, 512, 2048), max_prompt=300)
     assert config.prompt_lengths(4096) == [128, 300]
@@ -139,6 +182,31 @@ def test_bench_build_json_schema_is_stable(report, build):
     assert report.calls[-1] == (16, 16) and report.calls[0] == (0, 16)
     markdown = report.markdown_path.read_text()
     assert "Ideal vs measured" in markdown and "| ort-cpu | sliced | decode |" in markdown
+    # interleaved by default; the load average at the start, after each backend and at the end
+    assert data["config"]["interleave"] is True and "timed in turns" in markdown
+    machine = data["machine"]
+    assert len(machine["load_samples"]) == 3 and machine["load_samples"][0] == machine["load_average"]
+    assert len(machine["load_average_end"]) == 3 and "load_warning" in machine
+    assert "1-minute load average at the start, after each backend and at the end" in markdown
+    if machine["load_warning"]:
+        assert f"**Warning: {machine['load_warning']}.**" in markdown
+
+
+def test_bench_build_times_dense_and_sliced_of_one_backend_together(build, tmp_path, monkeypatch):
+    groups = []
+    real = bench.measure_sessions
+
+    def recording(entries, *args, **kwargs):
+        groups.append([(e.session.name, e.variant) for e in entries])
+        return real(entries, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "measure_sessions", recording)
+    tiny = {"prompts": "8", "batches": "1", "steps": 2, "warmup": 0, "repeats": 1, "context": 4, "threads": 1}
+    bench_build(build, tmp_path / "out", **tiny)
+    assert groups == [[("torch-cpu", "sliced"), ("torch-cpu", "dense")], [("ort-cpu", "sliced"), ("ort-cpu", "dense")]]
+    groups.clear()
+    data = bench_build(build, tmp_path / "apart", interleave=False, **tiny).data
+    assert len(groups) == 4 and all(len(g) == 1 for g in groups) and data["config"]["interleave"] is False
 
 
 def test_bench_json_feeds_the_planner_calibration(report):

@@ -114,6 +114,7 @@ def render_markdown(data: dict, title: str = "Latency") -> str:
              f"cores, torch threads {machine['torch_threads']}), load average at start/end "
              f"{machine.get('load_average')} / {machine.get('load_average_end')}; onnxruntime "
              f"{data['versions'].get('onnxruntime', '-')}, torch {data['versions'].get('torch', '-')}.", "",
+             *_timing_notes(data),
              "## Models (counted from their parameters)", "",
              "| variant | params | weight MB fp32 | streamed/forward MB fp32 | stored MB (quantized) "
              "| shortcut params | GFLOPs/token |",
@@ -153,6 +154,21 @@ def render_markdown(data: dict, title: str = "Latency") -> str:
         lines += ["", "## Not measured", ""] + [f"- {s['backend']} ({s['variant']}): {s['reason']}"
                                                for s in data["skipped"]]
     return "\n".join(lines) + "\n"
+
+
+def _timing_notes(data: dict) -> list[str]:
+    """How the variants were timed, and the load warning when the machine's load moved."""
+    machine, lines = data["machine"], []
+    if data["config"].get("interleave"):
+        lines.append("The variants of each backend were timed in turns (dense and compressed calls alternating, "
+                     "the order reversed every round), so load that comes and goes affects both sides of a ratio.")
+    if machine.get("load_samples"):
+        lines.append("1-minute load average at the start, after each backend and at the end: "
+                     + ", ".join(f"{s[0]:.2f}" if s else "-" for s in (*machine["load_samples"],
+                                                                         machine.get("load_average_end"))) + ".")
+    if machine.get("load_warning"):
+        lines.append(f"**Warning: {machine['load_warning']}.**")
+    return [line for text in lines for line in (text, "")]
 
 
 def write_report(data: dict, out_dir: str | Path, title: str = "Latency") -> dict[str, Path]:

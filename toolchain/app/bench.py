@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -17,18 +18,21 @@ from typing import Callable, Iterable
 from toolchain.core.build_dirs import model_dir
 from toolchain.core.errors import ArtifactError, ToolchainError
 
-from runtime.latency import (DEFAULT_BATCHES, DEFAULT_PROMPTS, BenchConfig, ModelCost, Progress, graph_weight_bytes,
-                             measure_session, model_cost, parse_ints, torch_threads)
+from runtime.latency import (DEFAULT_BATCHES, DEFAULT_PROMPTS, BenchConfig, Measured, ModelCost, Progress,
+                             graph_weight_bytes, load_average, load_drift, measure_sessions, model_cost, parse_ints,
+                             torch_threads)
 from runtime.loading import load_build_source, load_causal_lm
 from runtime.sessions import OrtSession, Session, TorchSession, provider_name
 
 from toolchain.analysis.bench_report import JSON_FILE, MARKDOWN_FILE, finish_report, new_report, write_report
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class Backend:
-    """One thing to measure: `open()` builds the session when its turn comes (one model in memory
-    at a time), `close()` frees what it holds."""
+    """One thing to measure: `open()` builds the session when its group's turn comes (the variants of
+    one backend are resident together when interleaving), `close()` frees what it holds."""
 
     name: str
     variant: str
@@ -58,17 +62,23 @@ def bench_build(build_dir: str | Path, out_dir: str | Path, provider: str = "cpu
                 steps: int = 20, warmup: int = 3, repeats: int = 3, context: int = 128,
                 max_prompt: int | None = None, dense: bool = True, torch_only: bool = False,
                 threads: int | None = None, quantized: bool | None = None,
-                progress: Progress | None = None) -> BenchResult:
+                progress: Progress | None = None, interleave: bool = True) -> BenchResult:
     """Measure the build's sliced model (torch eager on sliced/, ORT on onnx/, the int4/int8 graph in
     quantized/ on ORT, TensorRT when available) and, unless `dense=False`, its dense source on the same
     backends (the dense ONNX is exported to a temp dir with the build's export settings). `quantized`:
-    None measures quantized/ when the build has one. Writes the report into `out_dir`."""
+    None measures quantized/ when the build has one. Writes the report into `out_dir`.
+
+    `interleave` (default): the variants of one backend are loaded together and take turns call by
+    call (BenchConfig.interleave), so a ratio is not skewed by load that came and went between them;
+    False measures one model at a time (less memory). The report records the load average at the
+    start, between backends and at the end, and warns when it moved a lot (runtime.latency.load_drift)."""
     build = Path(build_dir).expanduser()
     provider = provider.lower()
     provider_name(provider)  # unknown or not-installed providers fail before anything loads
     config = BenchConfig(prompts=parse_ints(prompts, "prompts") or DEFAULT_PROMPTS,
                          batches=parse_ints(batches, "batches") or DEFAULT_BATCHES, steps=steps, warmup=warmup,
-                         repeats=repeats, context=context, max_prompt=max_prompt, threads=threads)
+                         repeats=repeats, context=context, max_prompt=max_prompt, threads=threads,
+                         interleave=interleave)
     config.validate()
     layout = _check_build(build, torch_only)
     sliced_config = json.loads((model_dir(build) / "config.json").read_text())
@@ -87,29 +97,59 @@ def bench_build(build_dir: str | Path, out_dir: str | Path, provider: str = "cpu
 
     progress and progress(0, total)
     costs: dict[str, ModelCost] = {}
+    loads = data["machine"].setdefault("load_samples", [data["machine"]["load_average"]])
     with torch_threads(threads):
-        for backend in backends:
-            start = done
+        for group in _groups(backends, config.interleave):
+            entries, opened, start = [], [], done
             try:
-                session = backend.open()
-                if backend.variant not in costs:
-                    costs[backend.variant] = backend.cost()
-                data["results"] += measure_session(session, config, backend.variant, backend.dtype, max_positions,
-                                                   costs[backend.variant].as_result_model(backend.dtype), tick)
+                for backend in group:
+                    try:
+                        session = backend.open()
+                    except ToolchainError as err:
+                        if not backend.optional:
+                            raise
+                        data["skipped"].append({"backend": backend.name, "variant": backend.variant,
+                                                "reason": str(err)})
+                        done += per_backend
+                        progress and progress(done, total)
+                        continue
+                    opened.append(backend)
+                    if backend.variant not in costs:
+                        costs[backend.variant] = backend.cost()
+                    entries.append(Measured(backend.variant, session, backend.dtype,
+                                            costs[backend.variant].as_result_model(backend.dtype)))
+                if entries:
+                    start = done
+                    data["results"] += measure_sessions(entries, config, max_positions, tick)
             except ToolchainError as err:
-                if not backend.optional:
+                if not opened or not all(b.optional for b in opened):
                     raise
-                data["skipped"].append({"backend": backend.name, "variant": backend.variant, "reason": str(err)})
-                data["results"] = [r for r in data["results"] if (r["backend"], r["variant"]) !=
-                                   (backend.name, backend.variant)]
-                done = start + per_backend
+                data["skipped"] += [{"backend": b.name, "variant": b.variant, "reason": str(err)} for b in opened]
+                done = start + per_backend * len(opened)
                 progress and progress(done, total)
             finally:
-                session = None
-                backend.close()
+                entries = session = None
+                for backend in opened:
+                    backend.close()
                 gc.collect()
+            loads.append(load_average())
     finish_report(data, costs)
+    data["machine"]["load_warning"] = load_drift([*loads, data["machine"]["load_average_end"]],
+                                                 data["machine"].get("cpu_count"))
+    if data["machine"]["load_warning"]:
+        log.warning("bench: %s", data["machine"]["load_warning"])
     return BenchResult(data, write_report(data, out_dir, title=f"Latency: {build.name}"))
+
+
+def _groups(backends: list[Backend], interleave: bool) -> list[list[Backend]]:
+    """Backends measured together: every variant on one backend name (sliced, its int4 graph, dense),
+    in first-seen order; one each when not interleaving."""
+    if not interleave:
+        return [[b] for b in backends]
+    groups: dict[str, list[Backend]] = {}
+    for backend in backends:
+        groups.setdefault(backend.name, []).append(backend)
+    return list(groups.values())
 
 
 def _check_build(build: Path, torch_only: bool) -> dict:
@@ -149,7 +189,8 @@ def _quantized_dir(build: Path, wanted: bool | None) -> Path | None:
 def _build_backends(build: Path, layout: dict, provider: str, dense: bool, torch_only: bool,
                     threads: int | None, skipped: list, quantized: Path | None = None) -> list[Backend]:
     """sliced torch, sliced ORT, [sliced int4/int8 ORT], [sliced TensorRT], then dense torch and dense
-    ORT (exported to a temp dir), in that order so at most one model is resident at a time."""
+    ORT (exported to a temp dir), in that order; grouped by backend name, so at most one backend's
+    models are resident at a time."""
     device = _torch_device(provider)
     holder: dict = {}
 

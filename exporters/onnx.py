@@ -12,8 +12,9 @@ Graphs (`ExportOptions.optimize`):
          → [fp16 with fp32 islands] → check. Standard ops plus ORT's norm ops.
   none   the traced graph with standard ONNX ops only (what TensorRT and other runtimes parse).
 Beside the graph: export_config.json (I/O contract and per-layer dims), export_report.json (op counts
-before/after, checks, timings), config.json (+ generation_config.json, tokenizer files when the
-source has them), so onnxruntime-genai / optimum-style loaders find what they expect.
+before/after, checks, timings), sliced_config.json (the canonical config), config.json (the source
+architecture's config with the graph's KV dims: exporters/hf_config.py) and generation_config.json +
+tokenizer files when the source has them, so onnxruntime-genai and optimum find what they expect.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from toolchain.model.finite import require_finite_model
 from toolchain.model.modeling import SlicedForCausalLM
 
 from exporters import onnx_graph, ort_fusion
+from exporters.hf_config import CANONICAL_CONFIG, CONFIG as HF_CONFIG, source_config
 from exporters.kv_wrapper import KVCacheWrapper, dynamic_shapes, example_inputs
 
 DTYPES = ("fp32", "fp16")
@@ -144,7 +146,8 @@ def export_onnx(source: str | Path | nn.Module, out: str | Path, options: Export
                            "parity": verification}
         write_json(tmp / "export_config.json", export_config)
         write_json(tmp / "export_report.json", report)
-        config.save_pretrained(tmp)  # config.json: what optimum/genai-style loaders read
+        config.to_json_file(tmp / CANONICAL_CONFIG)  # the canonical config, what our own tools read
+        write_json(tmp / HF_CONFIG, source_config(config, options.dtype))  # what optimum / transformers 4.x read
         copy_tokenizer_files(source_dir, tmp)
     out = Path(out)
     return ExportResult(out, out / MODEL_FILE, export_config, report)
@@ -218,7 +221,7 @@ def _check_options(options: ExportOptions) -> None:
     if options.dtype not in DTYPES:
         raise InvalidOptionError(f"--dtype {options.dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
     if options.exporter not in EXPORTERS:
-        raise InvalidOptionError(f"exporter {options.exporter!r} is unknown; choose one of {', '.join(EXPORTERS)}")
+        raise InvalidOptionError(f"unknown --exporter {options.exporter!r}; choose one of {', '.join(EXPORTERS)}")
     if graph_option(options) not in GRAPHS:
         raise InvalidOptionError(f"--optimize {options.optimize!r} is unknown; choose one of {', '.join(GRAPHS)}")
     if options.opset < 20:

@@ -44,6 +44,7 @@ from exporters.genai.config import export_dir as _export_dir
 from toolchain.core.fileio import atomic_dir, write_json
 
 from exporters import onnx_graph
+from exporters.hf_config import CANONICAL_CONFIG, CONFIG
 from exporters.onnx import EXTERNAL_DATA_THRESHOLD, MODEL_FILE
 from toolchain.core.tokenizer_files import TOKENIZER_FILES
 
@@ -55,7 +56,7 @@ INT8_METHODS = ("nbits", "dynamic")
 # module-name patterns of the MatMuls that read the residual stream or the final (fused) norm
 RESIDUAL_READERS = ("_shortcut", "head_proj", "lm_head")
 REPORT_FILE = "quantize_report.json"
-SIDE_FILES = ("config.json", "export_config.json", *TOKENIZER_FILES)
+SIDE_FILES = (CONFIG, CANONICAL_CONFIG, "export_config.json", *TOKENIZER_FILES)
 
 
 def accuracy_level(compute: str) -> int:
@@ -92,9 +93,9 @@ class QuantizeOptions:
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise InvalidOptionError(f"--block-size must be a power of 2 ≥ 16, got {self.block_size}")
         if self.residual_bits not in (4, 8, 32):
-            raise InvalidOptionError(f"residual_bits must be 4, 8 or 32 (fp32), got {self.residual_bits}")
+            raise InvalidOptionError(f"--residual-bits must be 4, 8 or 32 (32 keeps them fp32), got {self.residual_bits}")
         if self.algorithm not in ALGORITHMS:
-            raise InvalidOptionError(f"unknown int4 algorithm {self.algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
+            raise InvalidOptionError(f"unknown --quant-algorithm {self.algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
         if self.algorithm == "gptq" and self.symmetric:
             raise InvalidOptionError("--quant-algorithm gptq writes asymmetric blocks; drop symmetric")
         if self.embeddings and self.mode != "int4":

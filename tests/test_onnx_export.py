@@ -15,7 +15,7 @@ from export_cases import build_dir, export_root, exported, sliced_model
 from exporters.onnx import ExportOptions, export_onnx
 from runtime.parity import check_parity
 from runtime.sessions import OrtSession, TorchSession
-from tiny_models import ARCHS, VOCAB
+from tiny_models import ARCHS, VOCAB, tiny_config
 from toolchain.app.cli import app
 from toolchain.core.errors import OutputPathError
 
@@ -83,7 +83,12 @@ def test_io_names_dims_and_configs(arch, root):
         assert export_config["key_head_dims"] == config.qk_head_dims
         assert export_config["value_head_dims"] == config.v_head_dims
         assert [i["name"] for i in export_config["inputs"]] == list(inputs)
-        assert json.loads((out / "config.json").read_text())["model_type"] == "sliced_decoder"
+        canonical = json.loads((out / "sliced_config.json").read_text())  # what our own tools read
+        assert canonical["model_type"] == "sliced_decoder" and canonical["residual_widths"] == config.residual_widths
+        hf = json.loads((out / "config.json").read_text())  # what optimum reads: the source arch, the graph's KV
+        assert hf["model_type"] == tiny_config(arch).model_type and hf["num_hidden_layers"] == layers
+        assert hf["num_key_value_heads"] == config.num_key_value_heads
+        assert hf["hidden_size"] // hf["num_attention_heads"] == dims(inputs["past_key_values.0.key"])[-1]
 
 
 def value_types(model: onnx.ModelProto) -> dict[str, int]:

@@ -15,10 +15,11 @@ from toolchain.core.build_dirs import model_dir
 from toolchain.core.errors import ArtifactError, InvalidOptionError
 from toolchain.core.fileio import atomic_dir, atomic_file, write_json
 from toolchain.core.iospec import GENAI_INPUT_NAMES, GENAI_OUTPUT_NAMES
-from toolchain.core.tokenizer_files import TOKENIZER_FILES, copy_tokenizer_files
+from toolchain.core.tokenizer_files import TOKENIZER_FILES, copy_tokenizer_files, portable_tokenizer_config
 
 from exporters.genai.kv_padding import kv_dims, pad_kv_io
 from exporters.genai.validate import GENAI_CONFIG, appends_in_place, validate_genai_config
+from exporters.hf_config import canonical_config_path
 from exporters.onnx import MODEL_FILE
 
 PADDED_MODEL_FILE = "model.genai.onnx"
@@ -65,7 +66,7 @@ def write_genai_config(onnx_dir: str | Path, *, tokenizer=None, model_type: str 
     if provider not in PROVIDERS:
         raise InvalidOptionError(f"unknown genai provider {provider!r}; choose one of {', '.join(PROVIDERS)}")
     export_config = _read_json(onnx_dir / "export_config.json", "export_config.json")
-    model_config = _read_json(onnx_dir / "config.json", "config.json")
+    model_config = _read_json(canonical_config_path(onnx_dir), "the canonical config")
     generation = _read_optional_json(onnx_dir / "generation_config.json")
     model_file = export_config.get("model_file", MODEL_FILE)
     graph = onnx.load(str(onnx_dir / model_file), load_external_data=False)
@@ -189,6 +190,7 @@ def ensure_tokenizer(onnx_dir: Path, tokenizer, export_config: dict, required: b
         raise ArtifactError(f"{onnx_dir} has no tokenizer files ({', '.join(ESSENTIAL_TOKENIZER_FILES)}) and the "
                             "source model's dir has none either; pass the tokenizer (--tokenizer DIR_OR_HUB_ID, or "
                             "tokenizer= in the API)")
+    portable_tokenizer_config(onnx_dir)  # a tokenizer saved by transformers 5 may name a class 4.x lacks
     return sorted(name for name in TOKENIZER_FILES if (onnx_dir / name).is_file())
 
 

@@ -26,6 +26,7 @@ from toolchain.core.tokenizer_files import copy_tokenizer_files
 from runtime.trt_bundle import (BUILD_CONFIG, COMPAT_REPORT, ENGINE_DIR, ENGINE_FILE, ENGINE_META, PARITY_DIR, PARITY_SHAPE,
                                 TIMING_CACHE, build_command, read_build_config)
 from exporters import onnx_graph, trt_ops
+from exporters.hf_config import CANONICAL_CONFIG, CONFIG
 from exporters.onnx import MODEL_FILE, ExportOptions, export_onnx
 from exporters.tensorrt.profiles import covering_profile, default_profiles, profile_shapes
 from exporters.tensorrt.readme import bundle_readme
@@ -69,7 +70,7 @@ def write_bundle(sliced_model_dir: str | Path, out_dir: str | Path, max_batch: i
                              traced=traced)
         folding = fold_constants(export.model_path, tmp / MODEL_FILE)
         onnx_graph.check(tmp / MODEL_FILE)  # full onnx check; writes inferred types for the parser check
-        for name in ("export_config.json", "config.json"):  # (its export_report.json hashes the pre-fold graph)
+        for name in ("export_config.json", CONFIG, CANONICAL_CONFIG):  # (its export_report.json hashes the pre-fold graph)
             shutil.copyfile(export.out_dir / name, tmp / name)
         shutil.rmtree(export.out_dir)
         copy_tokenizer_files(source_path, tmp)

@@ -124,7 +124,7 @@ def test_resident_parameters_stay_one_layer(tmp_path):
     model, weights = open_checkpoint(path, ShardWriter(tmp_path / "out"))
     seen = []
 
-    def progress(done, total):  # sampled after every position
+    def progress(done, total, note=None):  # sampled after every position
         seen.append(sum(p.numel() for p in model.parameters() if not p.is_meta))
     slice_model(model, *calibration(), SliceOptions(slice=0.25), progress=progress, weights=weights)
     bound = max(layer, table) + 2 * hidden * hidden  # + the shortcut / head matrices, D x D at most
@@ -182,7 +182,7 @@ def test_offloaded_activations_equal_in_memory(checkpoints, tmp_path):
     offload.mkdir()
     files = []
 
-    def progress(done, total):
+    def progress(done, total, note=None):
         files.extend(offload.rglob("*.safetensors"))
 
     options = SliceOptions(slice=0.25, share="layer")

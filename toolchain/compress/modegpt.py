@@ -437,7 +437,8 @@ def compress_layer(model, index: int, residuals, calibration: Calibration, kept:
 def modegpt_model(model: SlicedForCausalLM, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                   options: ModegptOptions, progress=None) -> SlicedForCausalLM:
     """Compress `model` in place with MoDeGPT. `input_ids`/`attention_mask`: calibration windows [n, seq].
-    Works on dense and on SliceGPT-sliced models (per-layer widths, shortcuts)."""
+    Works on dense and on SliceGPT-sliced models (per-layer widths, shortcuts). `progress(done, total, note)`
+    is called after each layer."""
     device, config = torch.device(options.device), model.config
     options.validate()
     model.eval()
@@ -454,7 +455,7 @@ def modegpt_model(model: SlicedForCausalLM, input_ids: torch.Tensor, attention_m
         layers.append({"sparsity": sparsities[index], **stats})
         model.layers[index].to("cpu")
         if progress is not None:
-            progress(index + 1, config.num_hidden_layers)
+            progress(index + 1, config.num_hidden_layers, f"MoDeGPT layer {index + 1}/{config.num_hidden_layers}")
     model.to("cpu")
     record = {
         "method": "modegpt", "compression": options.compression,

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from toolchain.app.commands.common import app, stage_progress, user_errors
+from toolchain.app.commands.common import VERBOSE_OPTION, app, stage_progress, user_errors
 
 
 @app.command("bench")
@@ -31,6 +31,7 @@ def bench_command(
     quantized: Optional[bool] = typer.Option(None, "--quantized/--no-quantized", help="Also measure the build's "
                                              "int4/int8 graph (default: when the build has quantized/)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Report dir (default <build>/reports/latency)."),
+    verbose: bool = VERBOSE_OPTION,
 ) -> None:
     """Latency of a build's sliced model next to its dense source: TTFT, decode p50/p90/p99, tokens/s, memory."""
     from toolchain.app.bench import bench_build

@@ -9,11 +9,11 @@ import typer
 from rich.console import Console
 
 from toolchain.app.commands.common import (BLOCK_SIZE_OPTION, QUANT_ALGORITHM_OPTION, QUANT_COMPUTE_OPTION, QUANTIZE_EMBEDDINGS_OPTION,
-                                           RESIDUAL_BITS_OPTION, app, console,
-                                           print_parameter_table, stage_progress, user_errors)
+                                           RESIDUAL_BITS_OPTION, VERBOSE_OPTION, app, console, stage_progress,
+                                           user_errors)
 from toolchain.app.commands.schema import schema_options
+from toolchain.app.commands.summary import print_build_summary
 from toolchain.compress.options import CompressOptions, RecoverOptions
-from toolchain.core.build_dirs import model_dir
 
 
 @app.command("build")
@@ -40,6 +40,7 @@ def build_command(
     force: bool = typer.Option(False, "--force", help="Redo every stage"),
     quiet: bool = typer.Option(False, "--quiet", help="No progress output"),
     json_log: bool = typer.Option(False, "--json", help="Machine-readable JSON log lines on stdout"),
+    verbose: bool = VERBOSE_OPTION,
     values: dict = None,  # the compression options, from the schema
     recover_values: dict = None,  # the recovery options, from the schema
 ) -> None:
@@ -54,47 +55,26 @@ def build_command(
                            quant_compute=quant_compute, quantize_embeddings=quantize_embeddings,
                            residual_bits=residual_bits, deploy=deploy)
 
+    progress = None  # the bar, when one is shown: each stage gets it in turn
+
     def on_stage(name: str, event: str) -> None:
         if json_log:
             print(json.dumps({"time": round(time.time(), 3), "stage": name, "event": event}), flush=True)
         elif not quiet:
             console.print({"skip": f"[dim]= {name}: up to date, skipped[/]", "start": f"[bold]> {name}[/]",
                            "done": f"[green]✓ {name}[/]"}[event])
+            if event == "start" and progress is not None:
+                progress.start(name)
 
     if quiet or json_log:
         manifest = build(options, out, force=force, on_stage=on_stage)
     else:
-        with stage_progress("working") as progress:
+        with stage_progress("build") as progress:
             manifest = build(options, out, force=force, on_stage=on_stage, progress=progress)
     if json_log:
         print(json.dumps({"event": "finished", "out": str(out), "stages": list(manifest["stages"])}), flush=True)
     elif not quiet:
         print_build_summary(Path(out), manifest)
-
-
-def print_build_summary(build_dir: Path, manifest: dict) -> None:
-    import json
-
-    from rich.table import Table
-
-    table = Table(title=f"build {build_dir}")
-    for column in ("stage", "status", "seconds", "files"):
-        table.add_column(column)
-    for name, record in manifest["stages"].items():
-        table.add_row(name, record.get("status", "?"), str(record.get("seconds", "")), str(len(record.get("outputs", {}))))
-    Console().print(table)
-    for name, record in manifest["stages"].items():
-        if record.get("note"):
-            Console().print(f"{name}: {record['note']}", highlight=False, soft_wrap=True)
-    report = model_dir(build_dir) / "compression_report.json"
-    if report.exists():
-        print_parameter_table("parameters", json.loads(report.read_text())["parameters"])
-    parity = build_dir / "reports" / "parity" / "parity.json"
-    if parity.exists():
-        data = json.loads(parity.read_text())
-        logits = data["summary"]["logits"]
-        Console().print(f"parity {data['candidate']} vs {data['reference']}: {'PASS' if data['passed'] else 'FAIL'} "
-                        f"(logits max abs {logits['max_abs']:.2e}, top-1 {logits['top1']:.3f})")
 
 
 @app.command("inspect")

@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from toolchain.app.commands.common import (BLOCK_SIZE_OPTION, QUANT_ALGORITHM_OPTION, QUANT_COMPUTE_OPTION, QUANTIZE_EMBEDDINGS_OPTION,
+from toolchain.app.commands.common import (BLOCK_SIZE_OPTION, VERBOSE_OPTION, QUANT_ALGORITHM_OPTION, QUANT_COMPUTE_OPTION, QUANTIZE_EMBEDDINGS_OPTION,
                                            RESIDUAL_BITS_OPTION, app, user_errors)
 from toolchain.core.errors import InvalidOptionError
 
@@ -37,6 +37,7 @@ def deploy_command(
     tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="genai: tokenizer dir or hub id when the "
                                                                       "export has no tokenizer files."),
     force: bool = typer.Option(False, "--force", help="Replace an existing --out (genai) or model (triton)."),
+    verbose: bool = VERBOSE_OPTION,
 ) -> None:
     """Package a model for the runtime users already run: onnxruntime-genai or Triton (optionally int4/int8)."""
     import tempfile
@@ -75,7 +76,10 @@ def deploy_command(
         if genai:
             from exporters.genai import export_genai
 
+            from toolchain.app.model_card import write_model_card
+
             done = export_genai(source, out, overwrite=force, tokenizer=tokenizer)
+            write_model_card(out)  # README.md: the package's card (a copied export card would describe the export)
             padded = f"; KV padded to head size {done.head_size} in layers {done.padded_layers}" if done.padded_layers else ""
             printer.print(f"wrote {done.config_path} (model.type {done.model_type}, {done.model_file}{padded}); load it "
                           f"with onnxruntime_genai.Model({str(out)!r})", highlight=False)

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from toolchain.app.commands.common import app, user_errors
+from toolchain.app.commands.common import VERBOSE_OPTION, app, user_errors
 from toolchain.core.build_dirs import model_dir
 
 
@@ -28,6 +28,7 @@ def eval_command(
                                                                "(needs lm-eval and cached task data)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="lm-eval: examples per task (quick checks)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write eval.json and eval.md into this directory."),
+    verbose: bool = VERBOSE_OPTION,
 ) -> None:
     """Perplexity (documented protocol) and optional lm-eval zero-shot accuracy of a model or build."""
     import platform

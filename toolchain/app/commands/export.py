@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from toolchain.app.commands.common import app, user_errors
+from toolchain.app.commands.common import VERBOSE_OPTION, app, user_errors
 from toolchain.core.build_dirs import model_dir
 from toolchain.core.errors import InvalidOptionError
 
@@ -29,9 +29,11 @@ def export_command(
     external_data: bool = typer.Option(False, "--external-data",
                                        help="Weights in model.onnx.data (automatic past ~1.8 GB)."),
     exporter: str = typer.Option("dynamo", "--exporter", help="dynamo | torchscript (fallback if dynamo fails)."),
+    verbose: bool = VERBOSE_OPTION,
 ) -> None:
     """Export a model to ONNX with a KV cache (one graph for prefill and decode)."""
     from exporters.onnx import ExportOptions, export_onnx
+    from toolchain.app.model_card import write_model_card
 
     if target != "onnx":
         raise InvalidOptionError(f"--target {target!r} is not supported by `export`; use --target onnx")
@@ -39,6 +41,7 @@ def export_command(
     source = str(build_model) if (build_model / "config.json").is_file() else model
     result = export_onnx(source, out, ExportOptions(dtype=dtype, optimize="none" if no_optimize else optimize,
                                                     external_data=external_data, exporter=exporter))
+    write_model_card(result.out_dir)  # README.md, from the export's reports
     report = result.report
     graph = report.get("graph", {})
     fallback = f" (fell back: {graph['fallback_reason']})" if graph.get("fallback_reason") else ""
@@ -56,12 +59,15 @@ def validate_command(
     provider: str = typer.Option("cpu", "--provider", help="ONNX Runtime provider: cpu | cuda | tensorrt."),
     report: Optional[Path] = typer.Option(None, "--report", help="Dir for parity.json and parity.md (default: "
                                                                  "<build>/reports, or ./reports for two paths)."),
+    verbose: bool = VERBOSE_OPTION,
 ) -> None:
     """Parity of an export against its torch model; exit 0 on pass, 1 on fail (for CI)."""
     from rich.table import Table
 
+    from runtime.sessions import provider_name
     from runtime.validate import validate
 
+    provider_name(provider)  # a mistyped option is reported before a missing path
     result = validate(paths, dtype=dtype, provider=provider, report_dir=report)
     data = result.report
     table = Table("step", "max abs", "mean abs", "cosine", "top-1", "top-5",

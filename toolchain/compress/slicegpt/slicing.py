@@ -50,7 +50,8 @@ def slice_model(model: SlicedForCausalLM, input_ids: torch.Tensor, attention_mas
                 offload: Path | None = None) -> SlicedForCausalLM:
     """Rotate and slice `model` in place. `input_ids`/`attention_mask`: calibration windows [n, seq].
     `weights`: where the layers live (default: in the model; see toolchain/compress/streaming.py for a model
-    read from its checkpoint layer by layer). `offload`: keep calibration activations as files there."""
+    read from its checkpoint layer by layer). `offload`: keep calibration activations as files there.
+    `progress(done, total, note)` is called after each residual position ("SliceGPT layer 3/30")."""
     options.validate()
     weights = weights or WeightStore()
     config = model.config
@@ -140,7 +141,8 @@ def _rotate_and_slice(model, input_ids, attention_mask, options, widths, groups,
                     cal.residuals[b] = next_residual(model, position, sliced, basis, *cal.batch(b)[1:])
             previous = basis
             if progress is not None:
-                progress(position + 1, final + 1)
+                where = "head" if index is None else f"layer {index + 1}/{config.num_hidden_layers}"
+                progress(position + 1, final + 1, f"SliceGPT {where}")
         weights.close_head(model, write=True)
     finally:
         cal.residuals.close()

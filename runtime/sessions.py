@@ -281,7 +281,7 @@ def provider_name(provider: str) -> str:
 
     key = provider.lower()
     if key not in PROVIDERS:
-        raise InvalidOptionError(f"unknown provider {provider!r}; choose one of {', '.join(PROVIDERS)}")
+        raise InvalidOptionError(f"unknown --provider {provider!r}; choose one of {', '.join(PROVIDERS)}")
     name = PROVIDERS[key]
     available = ort.get_available_providers()
     if name not in available:

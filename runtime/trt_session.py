@@ -223,15 +223,15 @@ def validate_bundle(bundle: str | Path, backend: str = "tensorrt", provider: str
     from runtime.parity import TOLERANCES, RunnerResult, Step, compare, run_steps, to_markdown
     from runtime.sessions import OrtSession
 
+    if backend not in ("tensorrt", "onnxruntime"):  # a mistyped option is reported before a missing bundle
+        raise InvalidOptionError(f"unknown --backend {backend!r}; choose tensorrt or onnxruntime")
     bundle = Path(bundle).expanduser()
     config = read_build_config(bundle)
     inputs, expected = load_parity_data(bundle)
     if backend == "tensorrt":
         session = open_trt_session(bundle)
-    elif backend == "onnxruntime":
-        session = OrtSession(bundle / config["onnx"], provider, name=f"onnxruntime-{provider} (bundle fp16 ONNX)")
     else:
-        raise InvalidOptionError(f"unknown backend {backend!r}; choose tensorrt or onnxruntime")
+        session = OrtSession(bundle / config["onnx"], provider, name=f"onnxruntime-{provider} (bundle fp16 ONNX)")
     candidate = run_steps(session, inputs)
     if [s.name for s in candidate.steps] != list(expected):
         raise ArtifactError(f"{bundle}/parity: stored steps {list(expected)} do not match the inputs; rewrite "

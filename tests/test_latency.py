@@ -241,7 +241,7 @@ def test_bench_cli_errors_are_one_line(build, tmp_path):
     not_build = runner.invoke(app, ["bench", str(tmp_path)])
     assert not_build.exit_code == 2 and "is not a build dir" in not_build.output
     provider = runner.invoke(app, ["bench", str(build), "--provider", "tpu"])
-    assert provider.exit_code == 2 and "unknown provider 'tpu'" in provider.output
+    assert provider.exit_code == 2 and "unknown --provider 'tpu'" in provider.output
     prompts = runner.invoke(app, ["bench", str(build), "--prompts", "128,abc"])
     assert prompts.exit_code == 2 and "--prompts must be comma-separated integers" in prompts.output
 

@@ -155,7 +155,7 @@ def test_harness_ignores_padded_positions_and_catches_errors():
 
 def test_provider_errors(root):
     path = exported("llama", "fp32", root)
-    with pytest.raises(InvalidOptionError, match="unknown provider"):
+    with pytest.raises(InvalidOptionError, match="unknown --provider"):
         OrtSession(path, provider="tpu")
     with pytest.raises(BackendUnavailableError, match="not available"):
         OrtSession(path, provider="tensorrt")
@@ -199,7 +199,7 @@ def test_cli_validate_two_paths_picks_fp16_tolerances(root, tmp_path):
     ("missing", "does not exist"),
     ("not_build", "not a build dir"),
     ("truncated", "corrupted or truncated"),
-    ("provider", "unknown provider"),
+    ("provider", "unknown --provider"),
     ("cuda", "not available"),
 ])
 def test_cli_validate_bad_input(root, tmp_path, case, message):

@@ -79,8 +79,7 @@ class BuildOptions(CompressOptions, RecoverOptions):
 
             provider_name(self.provider)  # a missing ORT provider fails now, not after compressing
         self.compress_options().validate()
-        if self.recover is not None:
-            self.recover_options().validate()
+        self.recover_options().validate()  # without --recover too: a value out of its range is a mistake either way
 
     def _validate_outputs(self) -> None:
         if self.quantize is not None:

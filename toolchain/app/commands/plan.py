@@ -11,7 +11,7 @@ from rich.console import Console
 
 from toolchain.app.commands.common import app, user_errors
 from toolchain.app.commands.schema import schema_options
-from toolchain.compress.options import CompressOptions
+from toolchain.compress.options import CompressOptions, Interval, check_option, option, option_fields
 
 
 def _as_slice_declares(name: str):
@@ -26,7 +26,10 @@ class PlanSizeOptions:
     model `slice` writes with the same flags (and the same defaults)."""
 
     method: str = _as_slice_declares("method")
-    slice: float = _as_slice_declares("slice")
+    # unlike `slice`, 0 is a plan of the model as it is (the way to plan a checkpoint already sliced)
+    slice: float = option(CompressOptions.__dataclass_fields__["slice"].default, "Fraction of the hidden width "
+                          "removed, in {range} (0: the model as it is, e.g. a checkpoint already sliced)",
+                          interval=Interval(0.0, 1.0, high_open=True))
     compression: float = _as_slice_declares("compression")
     modegpt_multiple: int = _as_slice_declares("modegpt_multiple")
     slice_head: bool = _as_slice_declares("slice_head")
@@ -61,6 +64,9 @@ def plan(
 
     from toolchain.analysis import roofline
 
+    options = PlanSizeOptions(**size)
+    for f in option_fields(PlanSizeOptions):  # the model's width is checked by roofline.plan
+        check_option(options, f.name)
     efficiency = roofline.fit_efficiency(calibrate) if calibrate is not None else None
     result = roofline.plan(roofline.resolve_config(model), gpus=gpu, batch=batch, context=context, dtype=dtype,
                            efficiency=efficiency, **size)

@@ -216,7 +216,7 @@ def test_gptq_refuses_a_bare_export(root, tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--quantize", "int4", "--residual-bits", "5"], "residual_bits"),
+    (["--quantize", "int4", "--residual-bits", "5"], "--residual-bits"),
     (["--quantize", "int8", "--quantize-embeddings"], "--quantize-embeddings"),
     (["--quantize", "int4", "--quant-algorithm", "gptq"], "build dir"),
     (["--quantize", "int4", "--quant-algorithm", "optq"], "unknown --quant-algorithm"),

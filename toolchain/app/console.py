@@ -34,7 +34,22 @@ OUR_PACKAGES = ("toolchain", "runtime", "exporters", "benchmarks")
 _undo: list[Callable[[], None]] = []
 
 
-class _OurLines(logging.Formatter):
+class _OurLines(logging.StreamHandler):
+    """`warning: <message>` on whatever sys.stderr is when the record comes, so that a live progress bar
+    (which redirects stderr) prints the line above itself instead of through it."""
+
+    def __init__(self, level: int):
+        super().__init__()
+        self.setLevel(level)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler's constructor sets it; the property is what counts
+        pass
+
     def format(self, record: logging.LogRecord) -> str:
         return f"{record.levelname.lower()}: {record.getMessage()}"
 
@@ -64,13 +79,10 @@ def show_library_output() -> None:
 def _quiet_logging() -> None:
     # a root handler that passes errors only: libraries' warnings and infos stop there, and its
     # presence turns the basicConfig(level=INFO) some libraries call at import into a no-op
-    root, errors_only = logging.getLogger(), logging.StreamHandler(sys.stderr)
-    errors_only.setLevel(logging.ERROR)
-    errors_only.setFormatter(_OurLines())
+    root, errors_only = logging.getLogger(), _OurLines(logging.ERROR)
     root.addHandler(errors_only)
     _undo.append(lambda: root.removeHandler(errors_only))
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_OurLines())
+    handler = _OurLines(logging.WARNING)
     for name in OUR_PACKAGES:
         logger = logging.getLogger(name)
         level, propagate = logger.level, logger.propagate

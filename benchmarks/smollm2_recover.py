@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -39,6 +40,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--eval-every", type=int, default=10)
     parser.add_argument("--schedule", default="linear")
+    parser.add_argument("--ce-weight", type=float, default=0.0, help="distill: weight of cross-entropy mixed in")
     parser.add_argument("--label", default="all 80%")
     parser.add_argument("--work", type=Path, default=Path("/tmp/recover-bench"))
     args = parser.parse_args()
@@ -52,8 +54,9 @@ def main() -> None:
         before = ptb_test_ppl(args.model_dir)
     options = RecoverOptions(recover=args.method, recover_steps=args.steps, recover_lr=args.lr,
                              recover_seqlen=args.seqlen, recover_batch=args.batch, recover_eval_every=args.eval_every,
-                             recover_schedule=args.schedule)
-    out = args.work / f"{args.model_dir.name}-{args.method}-{args.steps}"
+                             recover_schedule=args.schedule, recover_ce_weight=args.ce_weight)
+    out = args.work / f"{args.model_dir.name}-{args.method}-{args.steps}-ce{args.ce_weight:g}"
+    load_before = os.getloadavg()[0]
     start = time.perf_counter()
     result = recover_to_dir(args.model_dir, out, options, device="cpu", overwrite=True,
                             progress=lambda done, total, note=None: print(note, flush=True))
@@ -63,7 +66,8 @@ def main() -> None:
     row = {"label": args.label, "model": str(args.model_dir), "method": args.method, "steps": r["steps"],
            "lr": r["options"]["recover_lr"], "schedule": args.schedule, "batch": f"{args.batch} x {args.seqlen}", "tokens": r["tokens_seen"],
            "wall_seconds": round(wall, 1), "peak_memory_bytes": r["timing"]["peak_memory_bytes"],
-           "best_step": r["best"]["step"], "ppl_before": before, "ppl_after": after,
+           "best_step": r["best"]["step"], "ce_weight": args.ce_weight,
+           "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)], "ppl_before": before, "ppl_after": after,
            "reduction": 1 - after / before}
     print(json.dumps(row), flush=True)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

@@ -214,3 +214,67 @@ def test_bad_recover_input_is_one_error_line_and_writes_nothing(case, sliced, te
 def test_recover_needs_a_method():
     with pytest.raises(InvalidOptionError, match="--recover"):
         recover_to_dir(Path("."), Path("/nonexistent/x"), RecoverOptions(), device="cpu")
+
+
+def test_top_k_kl_is_the_full_kl_when_k_covers_the_vocabulary_and_a_lower_bound_otherwise():
+    from toolchain.compress.recover.distill import kl_to_teacher, kl_to_top_k
+    from toolchain.compress.recover.teacher import log_rest
+
+    gen = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(2, 5, 50, generator=gen) * 3, torch.randn(2, 5, 50, generator=gen) * 3
+    full = float(kl_to_teacher(student, teacher))
+    logprobs = torch.log_softmax(teacher, dim=-1)
+    for k, check in ((50, lambda v: v == pytest.approx(full, rel=1e-5)), (8, lambda v: 0 < v < full)):
+        values, indices = logprobs.topk(k, dim=-1)
+        assert check(float(kl_to_top_k(student, values, indices, log_rest(logprobs, indices)))), k
+
+
+def test_teacher_placement_follows_the_free_memory():
+    from toolchain.compress.recover.teacher import choose
+
+    gib = 2**30
+    assert choose("auto", "cuda", 4 * gib, gib, gib // 4, free=20 * gib).mode == "resident"
+    tight = choose("auto", "cuda", 4 * gib, gib, gib // 4, free=5 * gib)
+    assert (tight.mode, tight.teacher_device) == ("topk", "cuda"), "the teacher alone fits: it scores on the GPU"
+    tiny = choose("auto", "cuda", 4 * gib, 3 * gib, gib // 4, free=3 * gib)
+    assert (tiny.mode, tiny.teacher_device) == ("topk", "cpu"), "not even the teacher fits: it scores on the CPU"
+    assert choose("resident", "cuda", 4 * gib, gib, 0, free=gib).mode == "resident", "the user's choice stands"
+
+
+def test_distill_from_a_top_k_cache_resumes_without_the_teacher_and_matches_the_resident_teacher(
+        distill_run, sliced, texts, tmp_path, monkeypatch):
+    """With k = the vocabulary the cached targets carry the whole distribution, so the run must land
+    where the resident teacher's run landed (up to float rounding of the two KL formulas)."""
+    from toolchain.compress.recover import stage
+
+    vocab = json.loads((sliced / "config.json").read_text())["vocab_size"]
+    out = tmp_path / "topk"
+    opts = options(texts, "distill", recover_ce_weight=0.25, recover_teacher="topk", recover_topk=vocab)
+    real_save = checkpoint.save
+
+    def save_then_die(state_dir, key, params, optimizer, snap):
+        real_save(state_dir, key, params, optimizer, snap)
+        if snap.step == 4:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        recover_to_dir(sliced, out, opts, device="cpu")
+    assert (state_dir_for(out) / "teacher_topk.safetensors").is_file()
+    monkeypatch.setattr(checkpoint, "save", real_save)
+
+    def no_scoring(*args, **kwargs):
+        raise AssertionError("the resumed run must read the cached top-k, not score again")
+
+    monkeypatch.setattr(stage.teacher, "top_k_targets", no_scoring)
+    recover_to_dir(sliced, out, opts, device="cpu")
+    data = report(out)
+    placement = data["teacher_placement"]
+    assert placement["mode"] == "topk" and placement["topk"] == vocab and data["timing"]["resumed_from_step"] == 4
+    assert placement["cache_bytes"] == STEPS * 4 * 32 * (vocab * (4 + 8) + 4), "values f32 + ids i64 + rest f32"
+    assert report(distill_run)["teacher_placement"]["mode"] == "resident"
+    cached, resident = load_file(str(out / "model.safetensors")), load_file(str(distill_run / "model.safetensors"))
+    assert not torch.equal(cached["layers.0.attn.q_proj.weight"], load_file(str(sliced / "model.safetensors"))[
+        "layers.0.attn.q_proj.weight"]), "trained"
+    for name, tensor in resident.items():
+        torch.testing.assert_close(cached[name], tensor, atol=1e-4, rtol=1e-4, msg=name)

@@ -335,6 +335,7 @@ class CompressOptions(SlicingOptions):
 
 RECOVER_METHODS = ("lora", "distill", "full-distill")
 RECOVER_SCHEDULES = ("linear", "cosine", "constant")
+RECOVER_TEACHER_PLACEMENTS = ("auto", "resident", "topk")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # besides the block projections, LoRA may also adapt these (never the token table: it is tied to the head)
 LORA_EXTRA_TARGETS = ("attn_shortcut", "mlp_shortcut", "embed_proj", "head_proj")
@@ -399,6 +400,12 @@ class RecoverOptions:
                                                check=check_targets, cli_type=str, parse=parse_targets)
     recover_ce_weight: float = option(0.0, "distill/full-distill: weight of next-token cross-entropy mixed with "
                                       "the KL to the teacher, in {range}", interval=Interval(0.0, 1.0))
+    recover_teacher: str = option("auto", "distill/full-distill: where the teacher lives: {choices} (resident: next "
+                                  "to the student; topk: its top-k log-probs cached before training, then freed; "
+                                  "auto: resident when both models fit in the device's free memory)",
+                                  choices=RECOVER_TEACHER_PLACEMENTS)
+    recover_topk: int = option(64, "Tokens per position kept in the teacher's top-k cache", integer=True,
+                               interval=POSITIVE)
     recover_seed: int = option(0, "Seed of the training windows, LoRA init and dropout")
     recover_weight_decay: float = option(0.01, "AdamW weight decay", interval=Interval(0.0), cli=False)
     recover_clip: float = option(1.0, "Gradient-norm clip", interval=Interval(0.0, low_open=True), cli=False)

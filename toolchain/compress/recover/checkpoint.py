@@ -94,5 +94,12 @@ def load(state_dir: Path, key: str, params: dict[str, torch.nn.Parameter],
                     record.get("extra", {}))
 
 
+def forget_other_run(state_dir: Path, key: str) -> None:
+    """Remove the state of a different run (other options or inputs) before this run adds to it."""
+    path = _latest(state_dir)
+    if path is not None and json.loads((path / STATE).read_text()).get("key") != key:
+        shutil.rmtree(state_dir, ignore_errors=True)
+
+
 def discard(state_dir: Path) -> None:
     shutil.rmtree(state_dir, ignore_errors=True)

@@ -46,3 +46,17 @@ def kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor) ->
     student = F.log_softmax(student_logits.float(), dim=-1).flatten(0, 1)
     teacher = F.log_softmax(teacher_logits.float(), dim=-1).flatten(0, 1)
     return F.kl_div(student, teacher, log_target=True, reduction="batchmean")
+
+
+def kl_to_top_k(student_logits: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
+                rest: torch.Tensor) -> torch.Tensor:
+    """KL(teacher ‖ student) per token at T = 1 over the teacher's top-k tokens plus one bucket for the
+    remaining mass: the KL between the two distributions coarse-grained that way, so it never exceeds
+    the full KL and equals it when k covers the vocabulary."""
+    student = F.log_softmax(student_logits.float(), dim=-1)
+    picked = student.gather(-1, indices)
+    student_rest = student.scatter(-1, indices, float("-inf")).logsumexp(dim=-1)
+    top = (values.exp() * (values - picked)).sum(-1)
+    has_rest = torch.isfinite(rest)  # -inf: k covered the vocabulary, the bucket is empty
+    bucket = torch.where(has_rest, rest.exp() * (rest - torch.where(has_rest, student_rest, 0.0)), 0.0)
+    return (top + bucket).sum() / top.numel()

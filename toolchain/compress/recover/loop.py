@@ -20,7 +20,8 @@ import torch
 from toolchain.compress.recover import checkpoint
 from toolchain.compress.recover.data import TrainWindows
 from toolchain.compress.recover.defaults import BETAS
-from toolchain.compress.recover.distill import kl_to_teacher, next_token_loss
+from toolchain.compress.recover.distill import kl_to_teacher, kl_to_top_k, next_token_loss
+from toolchain.compress.recover.teacher import TopK
 from toolchain.compress.options import RecoverOptions
 from toolchain.core.errors import NonFiniteError
 from toolchain.data.text import Windows
@@ -58,23 +59,28 @@ def held_out_ppl(model, windows: Windows, device: str) -> float:
     return math.exp(total / count)
 
 
-def make_loss(options: RecoverOptions, teacher) -> Callable:
-    """(student model, ids) → loss: next-token CE (lora), or KL to the teacher mixed with CE."""
+def make_loss(options: RecoverOptions, teacher_target: Callable | None) -> Callable:
+    """(student model, ids, step, micro) → loss: next-token CE (lora), or KL to the teacher's targets
+    (its logits, or its cached top-k) mixed with CE."""
     w = options.recover_ce_weight
 
-    def loss(model, ids):
+    def loss(model, ids, step, micro):
         logits = model(input_ids=ids, use_cache=False).logits
-        if teacher is None:
+        if teacher_target is None:
             return next_token_loss(logits, ids)
         with torch.no_grad():
-            target = teacher(input_ids=ids, use_cache=False).logits
-        kl = kl_to_teacher(logits, target)
+            target = teacher_target(ids, step, micro)
+        if isinstance(target, TopK):
+            kl = kl_to_top_k(logits, target.values.to(logits.device), target.indices.to(logits.device),
+                             target.rest.to(logits.device))
+        else:
+            kl = kl_to_teacher(logits, target)
         return kl if w == 0 else (1 - w) * kl + w * next_token_loss(logits, ids)
 
     return loss
 
 
-def train(model, params: dict[str, torch.nn.Parameter], teacher, data: TrainWindows, held_out: Windows,
+def train(model, params: dict[str, torch.nn.Parameter], teacher_target, data: TrainWindows, held_out: Windows,
           options: RecoverOptions, device: str, state_dir: Path, key: str,
           progress: Callable | None = None) -> Outcome:
     o = options
@@ -84,7 +90,7 @@ def train(model, params: dict[str, torch.nn.Parameter], teacher, data: TrainWind
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": o.recover_weight_decay},
                                    {"params": rest, "weight_decay": 0.0}], lr=o.recover_lr, betas=BETAS)
     ordered = {n: p for n, p in params.items() if p.dim() >= 2} | {n: p for n, p in params.items() if p.dim() < 2}
-    loss_fn = make_loss(o, teacher)
+    loss_fn = make_loss(o, teacher_target)
     snap = checkpoint.load(state_dir, key, ordered, optimizer)
     resumed_from = 0 if snap is None else snap.step
     if snap is None:
@@ -100,7 +106,7 @@ def train(model, params: dict[str, torch.nn.Parameter], teacher, data: TrainWind
         total = 0.0
         for micro in range(accum):
             ids = data.micro_batch(snap.step, micro, accum, batch).to(device)
-            loss = loss_fn(model, ids) / accum
+            loss = loss_fn(model, ids, snap.step, micro) / accum
             if not torch.isfinite(loss):
                 raise NonFiniteError(f"the recovery loss is {float(loss.detach())} at step {snap.step + 1}; lower "
                                      f"--recover-lr (now {o.recover_lr:g}) or check the model for NaN/Inf weights")

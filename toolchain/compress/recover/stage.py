@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from toolchain.compress.options import RecoverOptions, resolve_device
-from toolchain.compress.recover import checkpoint, data, defaults, lora, loop, report
+from toolchain.compress.recover import checkpoint, data, defaults, lora, loop, report, teacher
 from toolchain.compress.recover.distill import load_teacher
 from toolchain.core.errors import ArtifactError, OutputPathError, ToolchainError
 from toolchain.core.fileio import atomic_dir, sha256_file
@@ -66,6 +66,25 @@ def _load_student(model_dir: Path):
     return model
 
 
+def _teacher(model_dir: Path, student, o: RecoverOptions, device: str, train, state_dir: Path, key: str, progress):
+    """The loss's view of the teacher ((ids, step, micro) → logits or top-k targets) and its record.
+    Loaded once on the CPU, then placed where it fits (see teacher.py)."""
+    model, source = load_teacher(model_dir, "cpu")
+    where = teacher.place(o.recover_teacher, device, student, model, o.recover == "full-distill", o.recover_batch,
+                          o.recover_seqlen)
+    record = {"source": source} | {k: v for k, v in asdict(where).items() if k != "free_bytes"}
+    record["free_bytes"] = where.free_bytes  # machine state: moved under timing in the report
+    if where.mode == "resident":
+        resident = model.to(device)
+        return (lambda ids, step, micro: resident(input_ids=ids, use_cache=False).logits), record
+    checkpoint.forget_other_run(state_dir, key)  # a stale run's state must not take the cache with it later
+    cache = teacher.build_cache(model, train, o.recover_steps, o.recover_grad_accum, o.recover_batch, o.recover_topk,
+                                where.teacher_device, state_dir, key, progress)
+    del model  # freed before the student trains: the point of the cache
+    record |= {"topk": o.recover_topk, "cache_bytes": teacher.cache_bytes(cache)}
+    return (lambda ids, step, micro: cache[step, micro]), record
+
+
 def recover_to_dir(model_dir: str | Path, out_dir: str | Path, options: RecoverOptions, device: str = "auto",
                    overwrite: bool = False, progress=None) -> RecoverResult:
     options.validate()
@@ -92,10 +111,10 @@ def _recover(model_dir, out_dir, o: RecoverOptions, device: str, state_dir: Path
     held_out = data.held_out_windows(tokenizer, eval_ids, o.recover_seqlen, o.recover_eval_windows)
     model = _load_student(model_dir)
     targets = None if o.recover == "full-distill" else lora.resolve_targets(model, o.recover_targets)
-    teacher, teacher_name = (None, None)
-    if o.recover != "lora":
-        teacher, teacher_name = load_teacher(model_dir, device)
     key = _run_key(o, device, model_dir)
+    teacher_target, teacher_record = None, None
+    if o.recover != "lora":
+        teacher_target, teacher_record = _teacher(model_dir, model, o, device, train, state_dir, key, progress)
 
     torch.manual_seed(o.recover_seed)  # LoRA's initialisation and dropout
     table_before = model.embed_tokens.weight.detach().clone() if targets is not None else None
@@ -106,8 +125,8 @@ def _recover(model_dir, out_dir, o: RecoverOptions, device: str, state_dir: Path
     else:
         trainable = lora.add_lora(model, targets, o.recover_rank, o.recover_alpha, o.recover_dropout)
         params = {n: p for n, p in trainable.named_parameters() if p.requires_grad}
-    outcome = loop.train(trainable, params, teacher, train, held_out, o, device, state_dir, key, progress)
-    del teacher
+    outcome = loop.train(trainable, params, teacher_target, train, held_out, o, device, state_dir, key, progress)
+    del teacher_target
     model = lora.merge(trainable) if targets is not None else trainable
     model.requires_grad_(False)
     model = model.to("cpu").eval()
@@ -117,7 +136,8 @@ def _recover(model_dir, out_dir, o: RecoverOptions, device: str, state_dir: Path
     record = {
         "method": o.recover,
         "input": str(model_dir),
-        "teacher": teacher_name,
+        "teacher": teacher_record and teacher_record["source"],
+        "teacher_placement": teacher_record and {k: v for k, v in teacher_record.items() if k != "free_bytes"},
         "device": device,
         "options": asdict(o),
         "lora_targets": targets,
@@ -133,7 +153,8 @@ def _recover(model_dir, out_dir, o: RecoverOptions, device: str, state_dir: Path
         "timing": {"wall_seconds": round(time.perf_counter() - start, 2),
                    "train_seconds_this_run": round(outcome.seconds, 2),
                    "resumed_from_step": outcome.resumed_from,
-                   "peak_memory_bytes": report.peak_memory_bytes(device)},
+                   "peak_memory_bytes": report.peak_memory_bytes(device),
+                   "free_bytes_at_teacher_placement": teacher_record and teacher_record["free_bytes"]},
     }
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp)

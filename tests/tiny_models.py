@@ -105,9 +105,10 @@ def tiny_tokenizer():
                                    eos_token="</s>", unk_token="<unk>")
 
 
-def save_tiny_checkpoint(arch: str, path, seed: int = 0):
-    """An HF checkpoint dir (safetensors + tokenizer) of a tiny random model, as users have on disk."""
-    model = tiny_hf_model(arch, seed)
+def save_tiny_checkpoint(arch: str, path, seed: int = 0, **shape):
+    """An HF checkpoint dir (safetensors + tokenizer) of a tiny random model, as users have on disk;
+    `shape` overrides config fields as in tiny_hf_model (e.g. max_position_embeddings)."""
+    model = tiny_hf_model(arch, seed, **shape)
     model.config.architectures = [type(model).__name__]
     model.save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 from toolchain import __version__
+from toolchain.app.model_card import CARD, write_build_cards
 from toolchain.compress.options import CompressOptions, RecoverOptions
 from toolchain.core.build_dirs import COMPRESSED, MODEL_DIRS, RECOVERED, model_dir
 from toolchain.core.errors import InvalidOptionError, OutputPathError, ToolchainError
@@ -281,8 +282,11 @@ STAGES = [
 
 
 def hash_outputs(root: Path) -> dict[str, str]:
-    """sha256 of every file under `root`, keyed by path relative to the build dir's parent layout."""
-    return {str(p.relative_to(root)): sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file()}
+    """sha256 of every file under `root`, keyed by path relative to the build dir's parent layout. The
+    model card at the top is left out: it is rewritten from the reports after every build, so rewriting
+    it must not make the stage look stale."""
+    return {str(p.relative_to(root)): sha256_file(p) for p in sorted(root.rglob("*"))
+            if p.is_file() and p.relative_to(root) != Path(CARD)}
 
 
 def read_manifest(build: Path) -> dict:
@@ -350,7 +354,9 @@ def build(options: BuildOptions, out: str | Path, force: bool = False,
     prepare_build_dir(build_dir)
     with exclusive_dir(build_dir):  # one build per directory: a second one fails at once, this one untouched
         clear_build_dir(build_dir, force)
-        return run_stages(build_dir, options, on_stage, progress)
+        manifest = run_stages(build_dir, options, on_stage, progress)
+        write_build_cards(build_dir)  # after the last stage: every result the cards report is in
+        return manifest
 
 
 def run_stages(build_dir: Path, options: BuildOptions, on_stage, progress) -> dict:

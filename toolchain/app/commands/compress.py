@@ -22,13 +22,11 @@ def slice_command(
 ) -> None:
     """Compress a model and write a loadable HF-style model directory."""
     from toolchain.app.model_card import write_model_card
-    from toolchain.app.model_card import write_model_card
     from toolchain.compress.stage import compress_to_dir
 
     options = CompressOptions(**values)
     with stage_progress("compress") as progress:
         result = compress_to_dir(options, out, progress=progress)
-    write_model_card(out)  # README.md, from compression_report.json
     write_model_card(out)  # README.md, from compression_report.json
     print_parameter_table(f"{options.model} → {out}", result.report["parameters"])
     size = result.report["weight_bytes"]

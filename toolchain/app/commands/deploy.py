@@ -78,10 +78,7 @@ def deploy_command(
 
             from toolchain.app.model_card import write_model_card
 
-            from toolchain.app.model_card import write_model_card
-
             done = export_genai(source, out, overwrite=force, tokenizer=tokenizer)
-            write_model_card(out)  # README.md: the package's card (a copied export card would describe the export)
             write_model_card(out)  # README.md: the package's card (a copied export card would describe the export)
             padded = f"; KV padded to head size {done.head_size} in layers {done.padded_layers}" if done.padded_layers else ""
             printer.print(f"wrote {done.config_path} (model.type {done.model_type}, {done.model_file}{padded}); load it "

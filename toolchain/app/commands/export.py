@@ -34,7 +34,6 @@ def export_command(
     """Export a model to ONNX with a KV cache (one graph for prefill and decode)."""
     from exporters.onnx import ExportOptions, export_onnx
     from toolchain.app.model_card import write_model_card
-    from toolchain.app.model_card import write_model_card
 
     if target != "onnx":
         raise InvalidOptionError(f"--target {target!r} is not supported by `export`; use --target onnx")
@@ -42,7 +41,6 @@ def export_command(
     source = str(build_model) if (build_model / "config.json").is_file() else model
     result = export_onnx(source, out, ExportOptions(dtype=dtype, optimize="none" if no_optimize else optimize,
                                                     external_data=external_data, exporter=exporter))
-    write_model_card(result.out_dir)  # README.md, from the export's reports
     write_model_card(result.out_dir)  # README.md, from the export's reports
     report = result.report
     graph = report.get("graph", {})

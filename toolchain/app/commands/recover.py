@@ -34,14 +34,12 @@ def recover_command(
 ) -> None:
     """Recover a compressed model by LoRA fine-tuning or distillation from its dense source."""
     from toolchain.app.model_card import write_model_card
-    from toolchain.app.model_card import write_model_card
     from toolchain.compress.recover import recover_to_dir
 
     check_device_name(device)
     options = RecoverCommandOptions(**values)
     with stage_progress("recover") as progress:
         result = recover_to_dir(model_dir, out, options, device=device, progress=progress)
-    write_model_card(out)  # README.md, from the compression and recovery reports
     write_model_card(out)  # README.md, from the compression and recovery reports
     r = result.report
     Console().print(f"{r['method']}: held-out ppl {r['eval_ppl_before']:.2f} -> {r['best']['eval_ppl']:.2f} (best "

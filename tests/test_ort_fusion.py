@@ -218,6 +218,43 @@ def test_fp16_fast_graph_off_the_bar_falls_back_with_the_reason(tmp_path, caplog
     assert result.config["graph"] == "basic" and result.config["dtype"] == "fp16"
 
 
+@pytest.mark.parametrize("act", list(ort_fusion.ACTIVATIONS))
+def test_every_fused_activation_has_a_cpu_fp16_kernel(act, tmp_path):
+    """Each activation op the fast graph can emit loads and runs in fp16 on ORT's CPU provider, and
+    the fp16 graph passes the fp16 bar against torch."""
+    import torch
+
+    config = SlicedConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          intermediate_size=96, hidden_act=act)
+    torch.manual_seed(0)
+    model = SlicedForCausalLM(config).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0.0, 0.15)
+    path = tmp_path / "act.onnx"
+    onnx.save(ort_fusion.build_fast_graph(model, dtype="fp16"), str(path))
+    report = check_parity(TorchSession(model), OrtSession(path), "fp16", vocab_size=VOCAB)
+    assert report["passed"] and report["summary"]["logits"]["max_abs"] < 3e-2, report["checks"]
+
+
+def test_a_fast_graph_onnxruntime_cannot_load_falls_back_with_the_reason(tmp_path, monkeypatch):
+    """Were a provider to lack a kernel for an op at the export's dtype, ORT refuses the graph at load:
+    the export says so and writes the basic graph (simulated by an op ORT has no kernel for)."""
+    real = ort_fusion.build_fast_graph
+
+    def without_kernel(model, opset=20, dtype="fp32"):
+        graph = real(model, opset, dtype)
+        next(n for n in graph.graph.node if n.op_type == "GroupQueryAttention").op_type = "NoSuchAttention"
+        return graph
+
+    monkeypatch.setattr(ort_fusion, "build_fast_graph", without_kernel)
+    result = export_onnx(sliced_model("llama"), tmp_path / "onnx", ExportOptions(dtype="fp16", exporter="torchscript"))
+    graph = result.report["graph"]
+    assert graph["kind"] == "basic" and graph["parity"] is None
+    assert graph["fallback_reason"].startswith("onnxruntime cannot load the fp16 fast graph (")
+    assert "NoSuchAttention" in graph["fallback_reason"]
+
+
 def test_unknown_optimize_value_is_refused(tmp_path):
     with pytest.raises(InvalidOptionError, match="--optimize"):
         export_onnx(sliced_model("llama"), tmp_path / "x", ExportOptions(optimize="turbo"))

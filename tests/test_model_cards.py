@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from toolchain.app.model_card import base_model, card_kind, source_license
 
-FAST = dict(slice=0.3, nsamples=4, seqlen=32, bench=False)
+FAST = {"slice": 0.3, "nsamples": 4, "seqlen": 32, "bench": False}
 
 
 @pytest.fixture(scope="module")
@@ -149,3 +149,33 @@ def test_base_model_and_license_come_from_the_source(tmp_path, monkeypatch):
     (local / "README.md").write_text("---\nlicense: apache-2.0\n---\n# a model\n")
     assert source_license(str(local)) == "apache-2.0"
     assert source_license(str(tmp_path / "nothing")) is None
+
+
+def test_recovered_dir_gets_a_card_with_the_recovery(built, tmp_path):
+    import shutil
+
+    from toolchain.app.model_card import write_build_cards
+
+    out = tmp_path / "b"
+    shutil.copytree(built, out)
+    shutil.copytree(out / "sliced", out / "recovered")  # a recovered model dir as recover_to_dir lays it out
+    recovery = {"method": "distill", "eval_ppl_before": 91.25, "best": {"eval_ppl": 80.5, "step": 3}, "steps": 4,
+                "tokens_seen": 512}
+    (out / "recovered" / "recover_report.json").write_text(json.dumps(recovery))
+    cards = write_build_cards(out)
+    assert out / "recovered" / "README.md" in cards
+    text = (out / "recovered" / "README.md").read_text()
+    assert "| held-out perplexity, recovery (distill) | before 91.250 | after 80.500 |" in text
+    assert "recovered-distill" in front_matter(out / "recovered" / "README.md")["tags"]
+    assert "from_pretrained('../recovered')" in (out / "onnx" / "README.md").read_text()  # the build's model now
+
+
+def test_standalone_export_card_names_the_compression(built, tmp_path):
+    from toolchain.app.cli import app
+
+    result = CliRunner().invoke(app, ["export", str(built), "--out", str(tmp_path / "e")])
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "e" / "README.md").read_text()
+    recorded = report(tmp_path / "e" / "export_config.json")["compression"]
+    assert recorded["method"] == "slicegpt" and "Method: SliceGPT." in text
+    assert f"| `slice` | `{recorded['slice']}` |" in text and "ORTModelForCausalLM.from_pretrained('.')" in text

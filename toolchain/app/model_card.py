@@ -103,10 +103,18 @@ def source_license(source: str | None) -> str | None:
         return None
 
 
+def source_and_method(reports: dict) -> tuple[str | None, str]:
+    """The source model and compression method: from the compression report, else (a standalone export
+    or package) from the canonical config the export recorded."""
+    compression = reports.get("compression")
+    if compression:
+        return compression.get("source_model"), compression.get("method", "")
+    export_config = reports.get("export_config", {})
+    return export_config.get("source_model"), (export_config.get("compression") or {}).get("method", "")
+
+
 def card_metadata(kind: str, reports: dict) -> dict:
-    compression = reports.get("compression", {})
-    source = compression.get("source_model")
-    method = compression.get("method", "")
+    source, method = source_and_method(reports)
     tags = ["toolchain", "compressed", *([method.replace("+", "-")] if method and method != "none" else [])]
     if reports.get("recovery"):
         tags.append(f"recovered-{reports['recovery']['method']}")
@@ -136,9 +144,9 @@ def render_card(kind: str, reports: dict, directory: Path, build: Path | None) -
 
 
 def _title(kind: str, reports: dict) -> str:
-    compression = reports.get("compression", {})
-    source = compression.get("source_model", "a model")
-    method = METHOD_NAMES.get(compression.get("method", ""), compression.get("method", "an unknown method"))
+    source, method = source_and_method(reports)
+    source = source or "a model"
+    method = METHOD_NAMES.get(method, method or "an unrecorded method")
     what = {"model": "PyTorch weights (safetensors)", "onnx": "an ONNX graph with KV cache",
             "quantized": "a weight-only quantized ONNX graph", "genai": "an onnxruntime-genai package",
             "triton": "a Triton Inference Server model repository"}[kind]
@@ -150,6 +158,9 @@ def _title(kind: str, reports: dict) -> str:
 
 def _compression(reports: dict) -> str:
     compression = reports.get("compression")
+    if not compression:  # a standalone export: the settings its canonical config recorded
+        recorded = reports.get("export_config", {}).get("compression")
+        compression = {"method": recorded["method"], "options": recorded} if recorded else None
     if not compression:
         return ""
     options = {k: v for k, v in compression.get("options", {}).items() if v is not None and v is not False

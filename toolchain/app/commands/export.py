@@ -9,7 +9,6 @@ import typer
 from rich.console import Console
 
 from toolchain.app.commands.common import VERBOSE_OPTION, app, user_errors
-from toolchain.core.build_dirs import model_dir
 from toolchain.core.errors import InvalidOptionError
 
 
@@ -37,9 +36,9 @@ def export_command(
 
     if target != "onnx":
         raise InvalidOptionError(f"--target {target!r} is not supported by `export`; use --target onnx")
-    build_model = model_dir(Path(model).expanduser())
-    source = str(build_model) if (build_model / "config.json").is_file() else model
-    result = export_onnx(source, out, ExportOptions(dtype=dtype, optimize="none" if no_optimize else optimize,
+    from toolchain.app.api import export_source
+
+    result = export_onnx(export_source(model), out, ExportOptions(dtype=dtype, optimize="none" if no_optimize else optimize,
                                                     external_data=external_data, exporter=exporter))
     write_model_card(result.out_dir)  # README.md, from the export's reports
     report = result.report

@@ -71,6 +71,12 @@ def test_build_result_holds_the_reports(checkpoint, tmp_path):
     assert {r["status"] for r in again.manifest["stages"].values()} == {"done"}
     assert again.manifest["stages"] == built.manifest["stages"]  # resumed: nothing redone
 
+    benched = toolchain.bench(built.path, prompts="16", batches="1", steps=2, warmup=1, repeats=1, dense=False)
+    assert benched.path == tmp_path / "b" / "reports" / "latency"
+    assert benched.report == json.loads((benched.path / "latency.json").read_text())
+    assert {r["variant"] for r in benched.report["results"]} >= {"sliced"}
+    assert all(path.is_file() for path in benched.files.values())
+
 
 @pytest.mark.parametrize("call, message", [
     (lambda t, c: t.build(c, "o", slice=1.5), r"--slice must be in"),

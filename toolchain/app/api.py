@@ -188,7 +188,7 @@ def bench(build_dir: str | Path, *, out: str | Path | None = None, progress: Cal
     build_dir = Path(build_dir)
     out = Path(out) if out is not None else build_dir / "reports" / "latency"
     result = bench_build(build_dir, out, progress=progress, **options)
-    return Benchmarked(out, result.data, dict(result.paths))
+    return Benchmarked(out, read_report(result.json_path), dict(result.paths))  # the report as written
 
 
 def build(model: str, out: str | Path, *, force: bool = False, progress: Callable | None = None,
@@ -203,8 +203,3 @@ def build(model: str, out: str | Path, *, force: bool = False, progress: Callabl
     manifest = run_build(_options(BuildOptions, options, model=model), out, force=force, on_stage=on_stage,
                          progress=progress)
     return Built(Path(out), manifest, build_reports(out))
-
-
-def load_report(path: str | Path) -> dict:
-    """A JSON report written by any stage (ArtifactError when it is corrupted)."""
-    return read_report(path)

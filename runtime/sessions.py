@@ -185,6 +185,9 @@ class OrtSession(Session):
             options.enable_profiling = True
             options.profile_file_prefix = profile_prefix
         options.log_severity_level = 3  # ORT's own warnings (e.g. unused initializers) are not the user's problem
+        if self.device != "cpu" and (reason := _cuda_blocker(self.path)) is not None:
+            raise ArtifactError(f"{self.path} cannot run on the {provider} provider: {reason}; export it with "
+                                "`--optimize basic` for GPUs, or run it with --provider cpu")
         try:
             self.session = ort.InferenceSession(str(self.path), options, providers=[self.provider])
         except Exception as err:  # noqa: BLE001  (pybind raises several unrelated types for bad files)
@@ -273,6 +276,26 @@ class OrtSession(Session):
         present = [(key[:, :, :total], value[:, :, :total]) for key, value in buffers]
         self._shared = (buffers, present, binding)
         return logits.astype(np.float32, copy=False), present
+
+
+def cuda_attention_blocker(nodes) -> str | None:
+    """Why ORT's CUDA kernels cannot run these graph nodes, or None. Its CUDA GroupQueryAttention has
+    fp16/bf16 kernels only and refuses an attention_bias input (it takes padding as per-row lengths,
+    right-padded); the fast graph passes left padding as that bias, so every run would fail."""
+    for node in nodes:
+        if node.op_type == "GroupQueryAttention" and len(node.input) > 10 and node.input[10]:
+            return ("its GroupQueryAttention takes the padding mask as attention_bias, which ORT's CUDA "
+                    "GroupQueryAttention kernel refuses")
+    return None
+
+
+def _cuda_blocker(path: Path) -> str | None:
+    import onnx
+
+    export_config = path.parent / "export_config.json"
+    if export_config.is_file() and json.loads(export_config.read_text()).get("graph") != "fast":
+        return None  # cheap: only the fast graph carries GroupQueryAttention
+    return cuda_attention_blocker(onnx.load(str(path), load_external_data=False).graph.node)
 
 
 def provider_name(provider: str) -> str:

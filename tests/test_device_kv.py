@@ -12,7 +12,7 @@ from export_cases import sliced_model
 from exporters import ort_fusion
 from runtime.generate import KVStream
 from runtime.parity import check_parity, make_inputs
-from runtime.sessions import OrtSession, TorchSession, binding_plan, host_past
+from runtime.sessions import OrtSession, TorchSession, binding_plan, cuda_attention_blocker, host_past
 from test_tensorrt import standin_trt  # noqa: F401  (fixture: a recording stand-in for the tensorrt module)
 from tiny_models import VOCAB
 from toolchain.core.iospec import LOGITS, TOKEN_INPUTS, input_names, output_names
@@ -82,12 +82,52 @@ def test_session_follows_the_plan_and_parity_reads_device_caches(tmp_path):
     assert report["summary"]["present"]["max_abs"] < 1e-4
 
 
+def test_the_fast_graph_is_refused_on_cuda_with_the_reason():
+    """ORT's CUDA GroupQueryAttention refuses attention_bias, which the fast graph uses for left
+    padding: a CUDA session says so at open instead of failing at the first run. GroupQueryAttention
+    without the bias (as onnxruntime-genai's builder emits it) is not refused."""
+    from onnx import helper
+
+    graph = ort_fusion.build_fast_graph(sliced_model("llama"), dtype="fp16").graph
+    assert "attention_bias" in cuda_attention_blocker(graph.node)
+    genai_style = helper.make_node("GroupQueryAttention", ["q", "k", "v", "pk", "pv", "seqlens", "total", "cos", "sin"],
+                                   ["out", "key", "value"], domain="com.microsoft")
+    assert cuda_attention_blocker([genai_style]) is None
+
+
+def test_a_gpu_build_exports_the_graph_its_provider_can_run():
+    """`toolchain build --provider cuda|tensorrt` validates and benches onnx/ on that provider, so it
+    exports the basic graph there (and the choice is part of the export stage's key); CPU builds keep
+    the fast graph and their old key."""
+    from toolchain.app.pipeline import STAGES, BuildOptions
+
+    export = next(stage for stage in STAGES if stage.name == "export")
+    assert export.options(BuildOptions(model="m", dtype="fp16")) == {"dtype": "fp16"}
+    for provider in ("cuda", "tensorrt"):
+        assert export.options(BuildOptions(model="m", dtype="fp16", provider=provider)) == {"dtype": "fp16",
+                                                                                           "graph": "basic"}
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    from export_cases import export_root
+
+    return export_root(tmp_path_factory)
+
+
 @needs_cuda_ep
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])
-def test_cuda_decode_keeps_the_cache_on_the_gpu_and_matches_torch(tmp_path, dtype):
+def test_cuda_decode_keeps_the_cache_on_the_gpu_and_matches_torch(tmp_path, dtype, root):
+    from export_cases import exported
+
+    from toolchain.core.errors import ArtifactError
+
     model = sliced_model("llama")
-    path = tmp_path / f"{dtype}.onnx"
-    onnx.save(ort_fusion.build_fast_graph(model, dtype=dtype), str(path))
+    fast = tmp_path / f"{dtype}.onnx"
+    onnx.save(ort_fusion.build_fast_graph(model, dtype=dtype), str(fast))
+    with pytest.raises(ArtifactError, match="attention_bias"):
+        OrtSession(fast, "cuda")
+    path = exported("llama", dtype, root, optimize="basic")
     session = OrtSession(path, "cuda")
     assert session.ort_cache and session.plan.host_copies() == [*TOKEN_INPUTS, LOGITS]
     inputs = make_inputs(VOCAB)

@@ -155,7 +155,19 @@ def drop_stale_recovery(build: Path, manifest: dict) -> None:
 def run_export(build: Path, options: BuildOptions, progress=None) -> None:
     from exporters.onnx import ExportOptions, export_onnx
 
-    export_onnx(model_dir(build), build / "onnx", ExportOptions(dtype=options.dtype, overwrite=True))
+    export_onnx(model_dir(build), build / "onnx", ExportOptions(dtype=options.dtype, optimize=_export_graph(options),
+                                                                overwrite=True))
+
+
+def _export_key(options: BuildOptions) -> dict:
+    key = {"dtype": options.dtype}
+    return key if _export_graph(options) == "fast" else key | {"graph": _export_graph(options)}
+
+
+def _export_graph(options: BuildOptions) -> str:
+    """The graph a build validates and benches on its provider: ORT's CUDA GroupQueryAttention refuses
+    the fast graph's padding bias (runtime.sessions.cuda_attention_blocker), so GPU builds get `basic`."""
+    return "fast" if options.provider == "cpu" else "basic"
 
 
 def run_trt_bundle(build: Path, options: BuildOptions, progress=None) -> str:
@@ -262,7 +274,7 @@ STAGES = [
     Stage("compress", "sliced", run_compress, _compress_key),
     Stage("recover", RECOVERED, run_recover, lambda o: asdict(o.recover_options()) | {"device": o.device},
           reads=(COMPRESSED,), enabled=lambda o: o.recover is not None),
-    Stage("export", "onnx", run_export, lambda o: {"dtype": o.dtype}, reads=MODEL_DIRS, targets=("onnx", "trt")),
+    Stage("export", "onnx", run_export, _export_key, reads=MODEL_DIRS, targets=("onnx", "trt")),
     Stage("trt_bundle", "trt", run_trt_bundle, lambda o: {}, reads=MODEL_DIRS, targets=("trt",)),
     Stage("validate", "reports/parity", run_validate, lambda o: {"dtype": o.dtype, "provider": o.provider},
           reads=(*MODEL_DIRS, "onnx"), targets=("onnx", "trt")),

@@ -85,6 +85,7 @@ def test_card_numbers_are_the_reports_numbers(built):
         assert int(compressed.replace(",", "")) == params["compressed"][part]
     assert f"Kept {params['kept_fraction']:.1%} of the dense parameters" in text
     assert "| `slice` | `0.3` |" in text and "Method: SliceGPT." in text
+    assert "`modegpt_multiple`" not in text  # MoDeGPT's settings are no part of a SliceGPT run
 
     dense, compressed = (report(built / "reports/eval" / f"{s}.json")["perplexity"] for s in ("dense", "compressed"))
     assert f"dense {dense['ppl']:.3f} | compressed {compressed['ppl']:.3f}" in text  # eval ran after compress

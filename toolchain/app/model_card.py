@@ -24,6 +24,7 @@ CARD = "README.md"
 LOCAL_BASE_MODELS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 METHOD_NAMES = {"slicegpt": "SliceGPT", "modegpt": "MoDeGPT", "slicegpt+modegpt": "SliceGPT + MoDeGPT",
                 "none": "no compression (conversion to the canonical model only)"}
+MODEGPT_ONLY = ("compression", "modegpt_multiple")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 BUILD_DIRS = (COMPRESSED, RECOVERED, "onnx", "quantized", "deploy")
 
@@ -165,6 +166,9 @@ def _compression(reports: dict) -> str:
         return ""
     options = {k: v for k, v in compression.get("options", {}).items() if v is not None and v is not False
                and not isinstance(v, (dict, list))}
+    if "modegpt" not in compression["method"]:  # MoDeGPT's own settings, unused by the other methods
+        for name in MODEGPT_ONLY:
+            options.pop(name, None)
     rows = "\n".join(f"| `{k}` | `{v}` |" for k, v in options.items())
     calibration = compression.get("calibration") or {}
     calib = f"\n\nCalibration: {json.dumps(calibration, sort_keys=True)}." if calibration else ""

@@ -180,3 +180,17 @@ def test_standalone_export_card_names_the_compression(built, tmp_path):
     recorded = report(tmp_path / "e" / "export_config.json")["compression"]
     assert recorded["method"] == "slicegpt" and "Method: SliceGPT." in text
     assert f"| `slice` | `{recorded['slice']}` |" in text and "ORTModelForCausalLM.from_pretrained('.')" in text
+
+
+def test_standalone_genai_package_gets_its_own_card(built, tmp_path):
+    from toolchain.app.cli import app
+
+    pytest.importorskip("onnxruntime_genai")
+    result = CliRunner().invoke(app, ["deploy", str(built), "--genai", "--quantize", "int4", "--out", str(tmp_path / "g")])
+    assert result.exit_code == 0, result.output
+    meta = front_matter(tmp_path / "g" / "README.md")
+    assert meta["library_name"] == "onnxruntime-genai" and {"onnx", "int4"} <= set(meta["tags"])
+    text = (tmp_path / "g" / "README.md").read_text()
+    assert "an onnxruntime-genai package" in text and "og.Model('.')" in text  # not the copied export's card
+    parity = report(tmp_path / "g" / "quantize_report.json")["parity"]  # measured without a text: no perplexity
+    assert f"| top-1 {parity['top1']:.3f} |" in text and ("ppl_fp32" in parity) == ("perplexity" in text)

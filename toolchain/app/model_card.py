@@ -204,9 +204,9 @@ def _results(kind: str, reports: dict) -> str:
                      f"top-1 {logits['top1']:.3f} |")
     if (quantize := reports.get("quantize")) and kind in ("quantized", "genai", "triton", "model"):
         q, sizes = quantize["parity"], quantize["sizes"]
-        lines.append(f"| {quantize['quantization']['mode']} vs fp32 graph ({q['inputs']}) | top-1 {q['top1']:.3f} | "
-                     f"perplexity {q['ppl_fp32']:.3f} -> {q['ppl_quantized']:.3f}, {sizes['ratio']:.3f} x the "
-                     "fp32 bytes |")
+        ppl = f"perplexity {q['ppl_fp32']:.3f} -> {q['ppl_quantized']:.3f}, " if "ppl_fp32" in q else ""  # text given
+        lines.append(f"| {quantize['quantization']['mode']} vs fp32 graph ({q.get('inputs', '?')}) | top-1 "
+                     f"{q['top1']:.3f} | {ppl}{sizes['ratio']:.3f} x the fp32 bytes |")
     if not lines:
         return ""
     return "## Results\n\n| measurement | | |\n|---|---|---|\n" + "\n".join(lines)

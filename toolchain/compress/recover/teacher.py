@@ -14,7 +14,6 @@ free memory (with headroom), else `topk`.
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -54,10 +53,9 @@ def parameter_bytes(model: torch.nn.Module) -> int:
 def free_bytes(device: str) -> int | None:
     if device.startswith("cuda"):
         return int(torch.cuda.mem_get_info(torch.device(device))[0])
-    try:  # Linux and macOS: pages the OS can hand out now
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
+    import psutil
+
+    return int(psutil.virtual_memory().available)
 
 
 def training_bytes(student_bytes: int, full: bool, tokens: int, hidden: int, layers: int, vocab: int) -> int:

@@ -217,8 +217,7 @@ def test_recover_needs_a_method():
 
 
 def test_top_k_kl_is_the_full_kl_when_k_covers_the_vocabulary_and_a_lower_bound_otherwise():
-    from toolchain.compress.recover.distill import kl_to_teacher, kl_to_top_k
-    from toolchain.compress.recover.teacher import log_rest
+    from toolchain.compress.recover.distill import kl_to_teacher, kl_to_top_k, log_rest
 
     gen = torch.Generator().manual_seed(0)
     student, teacher = torch.randn(2, 5, 50, generator=gen) * 3, torch.randn(2, 5, 50, generator=gen) * 3

@@ -48,6 +48,11 @@ def kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor) ->
     return F.kl_div(student, teacher, log_target=True, reduction="batchmean")
 
 
+def log_rest(logprobs: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """log of the probability mass outside `indices`, from the masked log-probs (no 1 - sum cancellation)."""
+    return logprobs.scatter(-1, indices, float("-inf")).logsumexp(dim=-1)
+
+
 def kl_to_top_k(student_logits: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
                 rest: torch.Tensor) -> torch.Tensor:
     """KL(teacher ‖ student) per token at T = 1 over the teacher's top-k tokens plus one bucket for the
@@ -55,7 +60,7 @@ def kl_to_top_k(student_logits: torch.Tensor, values: torch.Tensor, indices: tor
     the full KL and equals it when k covers the vocabulary."""
     student = F.log_softmax(student_logits.float(), dim=-1)
     picked = student.gather(-1, indices)
-    student_rest = student.scatter(-1, indices, float("-inf")).logsumexp(dim=-1)
+    student_rest = log_rest(student, indices)
     top = (values.exp() * (values - picked)).sum(-1)
     has_rest = torch.isfinite(rest)  # -inf: k covered the vocabulary, the bucket is empty
     bucket = torch.where(has_rest, rest.exp() * (rest - torch.where(has_rest, student_rest, 0.0)), 0.0)

@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from toolchain.compress.recover.data import TrainWindows
+from toolchain.compress.recover.distill import log_rest
 from toolchain.core.fileio import atomic_file
 
 HEADROOM = 0.85  # share of the free memory the estimate may use: allocator slack, fragmentation
@@ -96,11 +97,6 @@ def top_k_targets(teacher, ids: torch.Tensor, k: int) -> TopK:
     logprobs = torch.log_softmax(teacher(input_ids=ids, use_cache=False).logits.float(), dim=-1)
     values, indices = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)
     return TopK(values, indices, log_rest(logprobs, indices))
-
-
-def log_rest(logprobs: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """log of the probability mass outside `indices`, computed from the masked log-probs (stable)."""
-    return logprobs.scatter(-1, indices, float("-inf")).logsumexp(dim=-1)
 
 
 def build_cache(teacher, data: TrainWindows, steps: int, accum: int, batch: int, k: int, device: str,

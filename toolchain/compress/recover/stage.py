@@ -67,22 +67,22 @@ def _load_student(model_dir: Path):
 
 
 def _teacher(model_dir: Path, student, o: RecoverOptions, device: str, train, state_dir: Path, key: str, progress):
-    """The loss's view of the teacher ((ids, step, micro) → logits or top-k targets) and its record.
-    Loaded once on the CPU, then placed where it fits (see teacher.py)."""
+    """The loss's view of the teacher ((ids, step, micro) → logits or top-k targets), its record, and the
+    free memory its placement saw (machine state: reported under timing). Loaded once on the CPU, then
+    placed where it fits (see teacher.py)."""
     model, source = load_teacher(model_dir, "cpu")
     where = teacher.place(o.recover_teacher, device, student, model, o.recover == "full-distill", o.recover_batch,
                           o.recover_seqlen)
     record = {"source": source} | {k: v for k, v in asdict(where).items() if k != "free_bytes"}
-    record["free_bytes"] = where.free_bytes  # machine state: moved under timing in the report
     if where.mode == "resident":
         resident = model.to(device)
-        return (lambda ids, step, micro: resident(input_ids=ids, use_cache=False).logits), record
+        return (lambda ids, step, micro: resident(input_ids=ids, use_cache=False).logits), record, where.free_bytes
     checkpoint.forget_other_run(state_dir, key)  # a stale run's state must not take the cache with it later
     cache = teacher.build_cache(model, train, o.recover_steps, o.recover_grad_accum, o.recover_batch, o.recover_topk,
                                 where.teacher_device, state_dir, key, progress)
     del model  # freed before the student trains: the point of the cache
     record |= {"topk": o.recover_topk, "cache_bytes": teacher.cache_bytes(cache)}
-    return (lambda ids, step, micro: cache[step, micro]), record
+    return (lambda ids, step, micro: cache[step, micro]), record, where.free_bytes
 
 
 def recover_to_dir(model_dir: str | Path, out_dir: str | Path, options: RecoverOptions, device: str = "auto",
@@ -112,9 +112,9 @@ def _recover(model_dir, out_dir, o: RecoverOptions, device: str, state_dir: Path
     model = _load_student(model_dir)
     targets = None if o.recover == "full-distill" else lora.resolve_targets(model, o.recover_targets)
     key = _run_key(o, device, model_dir)
-    teacher_target, teacher_record = None, None
+    teacher_target, teacher_record, free = None, None, None
     if o.recover != "lora":
-        teacher_target, teacher_record = _teacher(model_dir, model, o, device, train, state_dir, key, progress)
+        teacher_target, teacher_record, free = _teacher(model_dir, model, o, device, train, state_dir, key, progress)
 
     torch.manual_seed(o.recover_seed)  # LoRA's initialisation and dropout
     table_before = model.embed_tokens.weight.detach().clone() if targets is not None else None
@@ -137,7 +137,7 @@ def _recover(model_dir, out_dir, o: RecoverOptions, device: str, state_dir: Path
         "method": o.recover,
         "input": str(model_dir),
         "teacher": teacher_record and teacher_record["source"],
-        "teacher_placement": teacher_record and {k: v for k, v in teacher_record.items() if k != "free_bytes"},
+        "teacher_placement": teacher_record,
         "device": device,
         "options": asdict(o),
         "lora_targets": targets,
@@ -154,7 +154,7 @@ def _recover(model_dir, out_dir, o: RecoverOptions, device: str, state_dir: Path
                    "train_seconds_this_run": round(outcome.seconds, 2),
                    "resumed_from_step": outcome.resumed_from,
                    "peak_memory_bytes": report.peak_memory_bytes(device),
-                   "free_bytes_at_teacher_placement": teacher_record and teacher_record["free_bytes"]},
+                   "free_bytes_at_teacher_placement": free},
     }
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp)

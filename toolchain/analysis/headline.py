@@ -5,13 +5,11 @@ Reads JSON only (no torch), so `toolchain inspect` can show it too."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-LATENCY_JSON = Path("reports") / "latency" / "latency.json"
-EVAL_DIR = Path("reports") / "eval"
-QUANTIZE_REPORT = Path("quantized") / "quantize_report.json"
+from toolchain.core.build_reports import build_reports
+
 # stage outputs a user takes away (the reports are listed separately)
 DELIVERABLES = ("sliced", "recovered", "onnx", "quantized", "deploy", "trt")
 REPORTS = ("reports/latency/latency.md", "reports/parity/parity.md", "reports/eval/dense.md",
@@ -65,19 +63,20 @@ class Headline:
 
 def read_headline(build_dir: str | Path, manifest: dict) -> Headline:
     build = Path(build_dir)
-    return Headline(build=build, latency=latency_lines(build), perplexity=_perplexity(build), quantized=_quantized(build),
+    found = build_reports(build)
+    return Headline(build=build, latency=latency_lines(found.get("latency")), perplexity=_perplexity(found),
+                    quantized=_quantized(found.get("quantize")),
                     sizes=deliverable_sizes(build, manifest),
                     reports=[build / r for r in REPORTS if (build / r).is_file()])
 
 
-def latency_lines(build: Path) -> list[LatencyLine]:
+def latency_lines(latency: dict | None) -> list[LatencyLine]:
     """Per compressed variant (sliced, sliced-int4, ...): decode at the smallest batch and the
     longest prompt's TTFT, on the deployed backends (ONNX Runtime, TensorRT); torch eager only when
     nothing else was measured."""
-    path = build / LATENCY_JSON
-    if not path.is_file():
+    if latency is None:
         return []
-    rows = json.loads(path.read_text())["comparisons"]
+    rows = latency["comparisons"]
     deployed = [r for r in rows if not r["backend"].startswith("torch")]
     rows = deployed or rows
     picked = []
@@ -95,19 +94,16 @@ def latency_lines(build: Path) -> list[LatencyLine]:
                         r["dense_ms"], r["sliced_ms"], r["latency_ratio"], r["ideal_ratio"]) for r in picked]
 
 
-def _perplexity(build: Path) -> Perplexity | None:
-    dense, compressed = build / EVAL_DIR / "dense.json", build / EVAL_DIR / "compressed.json"
-    if not (dense.is_file() and compressed.is_file()):
+def _perplexity(reports: dict[str, dict]) -> Perplexity | None:
+    if not ("eval_dense" in reports and "eval_compressed" in reports):
         return None
-    before, after = (json.loads(p.read_text())["perplexity"] for p in (dense, compressed))
+    before, after = reports["eval_dense"]["perplexity"], reports["eval_compressed"]["perplexity"]
     return Perplexity(after.get("dataset", "?"), after["windows"], after["seqlen"], before["ppl"], after["ppl"])
 
 
-def _quantized(build: Path) -> QuantizedAccuracy | None:
-    path = build / QUANTIZE_REPORT
-    if not path.is_file():
+def _quantized(report: dict | None) -> QuantizedAccuracy | None:
+    if report is None:
         return None
-    report = json.loads(path.read_text())
     parity = report["parity"]
     return QuantizedAccuracy(report["quantization"]["mode"], parity["inputs"], parity["ppl_fp32"],
                              parity["ppl_quantized"], parity["top1"])

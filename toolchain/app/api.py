@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from toolchain.app.build_reports import build_reports, read_report
+from toolchain.core.build_reports import build_reports, read_report
 from toolchain.core.build_dirs import model_dir as build_model_dir
 from toolchain.core.errors import InvalidOptionError
 

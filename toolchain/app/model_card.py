@@ -1,7 +1,7 @@
 """Model cards (README.md in the Hugging Face model-card format) for every output directory: the
 compressed model dir, a recovered one, the ONNX export, the quantized graph and the deploy package.
 
-A card is rendered from the JSON reports the stages wrote (toolchain.app.build_reports) and nothing
+A card is rendered from the JSON reports the stages wrote (toolchain.core.build_reports) and nothing
 else, so it says only what was measured. `build` rewrites the cards of its dirs after its last stage,
 when every result is in; the standalone commands write the card of the dir they produce. The cards
 are documentation: the build manifest does not hash them (toolchain.app.pipeline), so rewriting one
@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 
 from toolchain import __version__
-from toolchain.app.build_reports import build_reports, dir_reports
+from toolchain.core.build_reports import build_reports, dir_reports
 from toolchain.core.build_dirs import COMPRESSED, RECOVERED
 from toolchain.core.fileio import write_text
 

@@ -1,5 +1,5 @@
-"""The JSON reports a build's stages write, found and loaded in one place (the Python API's results
-and the model cards read them from here). Only files that exist are returned; nothing is computed."""
+"""The JSON reports a build's stages write, found and loaded in one place (the Python API's results,
+the model cards and the build's headline read them from here). Only files that exist are returned; nothing is computed."""
 
 from __future__ import annotations
 
